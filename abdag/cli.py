@@ -1,0 +1,129 @@
+"""The ``abdag`` command line.
+
+Every subcommand reads one :class:`~abdag.settings.Settings` (env ``ABDAG_*``, overridden by
+the global flags) and reports problems as one clear line on stderr with exit code 2,
+never a traceback for a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from abdag.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="abdag", description=__doc__.splitlines()[0])
+    p.add_argument("--broker", help="Kafka bootstrap host:port (env ABDAG_BROKER)")
+    p.add_argument(
+        "--clickhouse-url",
+        help="http://host:port or chdb:///abs/path (env ABDAG_CLICKHOUSE_URL)",
+    )
+    p.add_argument("--data-dir", help="local stack data directory (env ABDAG_DATA_DIR)")
+    p.add_argument("--database", help="ClickHouse database (env ABDAG_DATABASE)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("up", help="start the local broker and ClickHouse endpoint")
+    sub.add_parser("down", help="stop what `abdag up` started")
+    sub.add_parser("status", help="show the local stack")
+
+    w = sub.add_parser("worker", help="run one Faust worker for a DAG file")
+    w.add_argument("dag_file")
+    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    w.add_argument("--web-port", type=int, default=None, help="serve Faust's web UI here")
+
+    t = sub.add_parser("topics", help="create and describe a DAG's topics")
+    t.add_argument("dag_file")
+
+    pr = sub.add_parser("produce", help="send events to a DAG source's input topic")
+    pr.add_argument("dag_file")
+    pr.add_argument("--source", required=True, help="name of the source node")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("file", nargs="?", help="a JSON-lines file, one event per line")
+    src.add_argument(
+        "--synthetic", type=int, metavar="N", help="N events from the source's sampler"
+    )
+    pr.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
+    pr.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("sql", help="run a read-only SQL query on ClickHouse")
+    s.add_argument("query")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    r = sub.add_parser("report", help="A against B for one experiment, with the verdict")
+    r.add_argument("experiment")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--margin", type=float, default=None, help="non-inferiority margin")
+    r.add_argument("--show-sql", action="store_true", help="print the SQL behind the report")
+
+    d = sub.add_parser("demo", help="the whole story on the embedded stack")
+    d.add_argument("--requests", type=int, default=20_000)
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--keep-running", action="store_true", help="leave stack and workers up")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env().with_overrides(
+        broker=args.broker,
+        clickhouse_url=args.clickhouse_url,
+        data_dir=args.data_dir,
+        database=args.database,
+    )
+    _load_commands()
+    try:
+        return _COMMANDS[args.command](args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - turn known user errors into one line
+        if _is_user_error(exc):
+            print(f"abdag {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from abdag.clickhouse import ClickHouseUnreachable
+    from abdag.stack.processes import StackError
+    from topics.admin import BrokerUnreachable
+
+    known: tuple[type[Exception], ...] = (
+        UserError,
+        StackError,
+        ClickHouseUnreachable,
+        BrokerUnreachable,
+        ValueError,
+    )
+    try:
+        from agents.errors import DagError
+
+        known += (DagError,)
+    except ImportError:
+        pass
+    return isinstance(exc, known)
+
+
+def _load_commands() -> None:
+    from abdag import commands  # noqa: F401 - registers the handlers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The handlers behind ``abdag COMMAND``; each imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from abdag.cli import command
+from abdag.settings import Settings
+
+
+@command("up")
+def up(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.stack import LocalStack
+
+    for s in LocalStack(settings).up():
+        print(s.line())
+    return 0
+
+
+@command("down")
+def down(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.stack import LocalStack
+
+    stopped = LocalStack(settings).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+@command("status")
+def status(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.stack import LocalStack
+
+    rows = LocalStack(settings).status()
+    for s in rows:
+        print(s.line())
+    return 0 if all(s.answers for s in rows) else 1
+
+
+def _load_valid_dag(path: str, *, load_models: bool = True):
+    from agents.loader import load_dag
+    from agents.validate import validate
+
+    dag = load_dag(path)
+    validate(dag, load_models=load_models)
+    return dag
+
+
+@command("topics")
+def topics(args: argparse.Namespace, settings: Settings) -> int:
+    from agents.topology import dag_topics
+    from topics.admin import ensure_topics
+
+    dag = _load_valid_dag(args.dag_file, load_models=False)
+    for info in ensure_topics(settings.broker, dag_topics(dag), dag.partitions):
+        state = "created" if info.created else "exists"
+        print(f"{info.name:<60} {info.partitions:>3} partitions  {state}")
+    return 0
+
+
+@command("worker")
+def worker(args: argparse.Namespace, settings: Settings) -> int:
+    import sys
+
+    from agents.app import build_app
+    from agents.topology import dag_topics
+    from topics.admin import ensure_topics
+
+    dag = _load_valid_dag(args.dag_file)
+    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
+    app, _ = build_app(dag, settings)
+    argv = ["abdag worker", "worker", "--loglevel", args.loglevel]
+    if args.web_port:
+        argv += ["--web-port", str(args.web_port), "--web-host", "127.0.0.1"]
+    else:
+        argv.append("--without-web")
+    sys.argv = argv
+    app.main()
+    return 0
+
+
+@command("produce")
+def produce(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.cli import UserError
+    from agents.dag import LabelSource, Source
+    from agents.topology import dag_topics
+    from topics import input_topic
+    from topics.admin import ensure_topics
+    from topics.producer import produce as send
+    from topics.producer import read_jsonl
+
+    dag = _load_valid_dag(args.dag_file, load_models=False)
+    node = dag.nodes.get(args.source)
+    if not isinstance(node, Source | LabelSource):
+        sources = [n.name for n in dag.nodes.values() if isinstance(n, Source | LabelSource)]
+        raise UserError(f"{args.source!r} is not a source of DAG {dag.name!r}; sources: {sources}")
+    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
+    topic = input_topic(dag.name, node.name)
+    if args.synthetic is not None:
+        if not isinstance(node, Source) or node.sampler is None:
+            raise UserError(f"source {node.name!r} has no sampler for --synthetic")
+        events = node.sampler(args.synthetic, args.seed)
+        total = len(events)
+    else:
+        events, total = read_jsonl(args.file), None
+    n = send(settings.broker, topic, events, total=total, rate=args.rate)
+    print(f"{n} events delivered to {topic}")
+    return 0

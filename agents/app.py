@@ -1,0 +1,430 @@
+"""Turning a :class:`~agents.dag.Dag` into a Faust app: one agent per node.
+
+Data flows one way: input topic -> source agent (assigns the request id, re-keys) -> node
+topics keyed by request id -> comparison agent (join table) -> pairs topic -> ClickHouse
+sink agent. Every agent sends what it cannot process to the DAG's dead-letter topic with
+the reason, the node and the original bytes, counts it, and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import faust
+import orjson
+
+from abdag.clickhouse import connect
+from abdag.settings import Settings
+from agents.config import faust_settings
+from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from comparators.join import PairJoin
+from comparators.rows import (
+    PAIR_COLUMNS,
+    SNAPSHOT_COLUMNS,
+    experiment_name,
+    pair_row,
+    snapshot_rows,
+    to_insert_values,
+)
+from comparators.sink import ClickHouseSink
+from topics import (
+    BadRecord,
+    DeadLetter,
+    Event,
+    Prediction,
+    dead_letter_topic,
+    decode_dead_letter,
+    decode_event,
+    decode_label,
+    encode,
+    input_topic,
+    label_from_raw,
+    node_topic,
+    pairs_topic,
+    request_from_raw,
+    snapshots_topic,
+)
+
+log = logging.getLogger("abdag.worker")
+TAKE_MAX = 500
+TAKE_WITHIN = 0.05
+DEAD_LETTER_COLUMNS = ["dag", "node", "reason", "ts", "request_id", "detail", "count"]
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DagRuntime:
+    """Holds what the agents of one DAG share: topics, dead-letter counts, the sinks."""
+
+    def __init__(self, dag: Dag, settings: Settings) -> None:
+        self.dag = dag
+        self.settings = settings
+        self.app_id = f"abdag-{dag.name}"
+        self.app = faust.App(
+            self.app_id, **faust_settings(settings, partitions=dag.partitions, app_id=self.app_id)
+        )
+        self.worker = worker_name()
+        self.dead_counts: Counter[tuple[str, str]] = Counter()
+        self.stop = threading.Event()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="abdag")
+        self.dead_topic = self.topic(dead_letter_topic(dag.name))
+        self.batch_sizes: dict[str, Counter[int]] = {}
+        self.app.service(_Stopper(self))
+
+    def topic(self, name: str) -> faust.TopicT:
+        return self.app.topic(
+            name, key_type=bytes, value_type=bytes, partitions=self.dag.partitions
+        )
+
+    # -- dead letters ---------------------------------------------------------------------
+    async def dead(self, node: str, err: BadRecord, event: Any) -> None:
+        msg = event.message
+        letter = DeadLetter(
+            dag=self.dag.name,
+            node=node,
+            reason=err.reason,
+            detail=err.detail[:2000],
+            request_id=err.request_id,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            original=event.value if isinstance(event.value, bytes) else b"",
+            ts=time.time(),
+        )
+        self.dead_counts[(node, err.reason)] += 1
+        if self.dead_counts[(node, err.reason)] in (1, 10, 100, 1000, 10000):
+            log.warning(
+                "node %s: %s (%s); %d so far, see topic %s",
+                node,
+                err.reason,
+                err.detail[:200],
+                self.dead_counts[(node, err.reason)],
+                self.dead_topic.get_topic_name(),
+            )
+        await self.dead_topic.send(key=(err.request_id or "").encode(), value=encode(letter))
+
+    def sink(self, table: str, columns: list[str]) -> ClickHouseSink:
+        from comparators.schema import ensure_schema
+
+        return ClickHouseSink(
+            lambda: connect(self.settings), table, columns, on_connect=ensure_schema, stop=self.stop
+        )
+
+    async def in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class _Stopper(faust.Service):
+    """Lets blocking sink retries end when the worker stops."""
+
+    def __init__(self, runtime: DagRuntime, **kwargs: Any) -> None:
+        self.runtime = runtime
+        super().__init__(**kwargs)
+
+    async def on_stop(self) -> None:
+        self.runtime.stop.set()
+
+
+def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
+    """Create the Faust app with one agent per node of ``dag`` (validated beforehand)."""
+    rt = DagRuntime(dag, settings)
+    for node in dag.topological():
+        if isinstance(node, Source):
+            _source_agent(rt, node)
+        elif isinstance(node, LabelSource):
+            _label_agent(rt, node)
+        elif isinstance(node, Transform):
+            _transform_agent(rt, node)
+        elif isinstance(node, ModelNode):
+            _model_agent(rt, node)
+        elif isinstance(node, Comparison):
+            _comparison_agents(rt, node)
+    _dead_letter_sink(rt)
+    return rt.app, rt
+
+
+async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
+    await asyncio.gather(*(topic.send(key=k, value=v, headers=h) for k, v, h in items))
+
+
+def _source_agent(rt: DagRuntime, node: Source) -> None:
+    out = rt.topic(node_topic(rt.dag.name, node.name))
+
+    @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-source")
+    async def source(stream):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            now = time.time()
+            ready = []
+            for e in events:
+                try:
+                    ev = request_from_raw(e.value, e.key, now)
+                except BadRecord as err:
+                    await rt.dead(node.name, err, e)
+                    continue
+                ready.append((ev.request_id.encode(), encode(ev), e.headers))
+            await _send_all(out, ready)
+
+
+def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
+    out = rt.topic(node_topic(rt.dag.name, node.name))
+
+    @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-labels")
+    async def labels(stream):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            now = time.time()
+            ready = []
+            for e in events:
+                try:
+                    lab = label_from_raw(e.value, e.key, now)
+                except BadRecord as err:
+                    await rt.dead(node.name, err, e)
+                    continue
+                ready.append((lab.request_id.encode(), encode(lab), e.headers))
+            await _send_all(out, ready)
+
+
+def _transform_agent(rt: DagRuntime, node: Transform) -> None:
+    (upstream,) = node.inputs
+    out = rt.topic(node_topic(rt.dag.name, node.name))
+
+    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
+    async def transform(stream):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            ready = []
+            for e in events:
+                try:
+                    ev = decode_event(e.value)
+                    payload = node.fn(ev.payload)
+                    if not isinstance(payload, dict):
+                        raise BadRecord(
+                            "transform error", f"returned {type(payload).__name__}, not a dict"
+                        )
+                    ev.payload = payload
+                except BadRecord as err:
+                    await rt.dead(node.name, err, e)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a user function failed on this event
+                    err = BadRecord("transform error", f"{type(exc).__name__}: {exc}")
+                    await rt.dead(node.name, err, e)
+                    continue
+                ready.append((ev.request_id.encode(), encode(ev), e.headers))
+            await _send_all(out, ready)
+
+
+def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
+    from models import BatchRunner, load_model
+
+    (upstream,) = node.inputs
+    out = rt.topic(node_topic(rt.dag.name, node.name))
+    model = load_model(
+        node.path,
+        name=node.name,
+        device=node.device,
+        model_class=node.model_class,
+        model_kwargs=node.model_kwargs,
+    )
+    runner = BatchRunner(model, None, node.output, threshold=node.threshold)
+    rt.batch_sizes[node.name] = runner.batch_sizes
+    version = model.version
+
+    def infer(inputs: list[Any]) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        results = runner.run(inputs)
+        return results, (time.perf_counter() - start) * 1000.0
+
+    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
+    async def model_node(stream):
+        async for events in stream.take_events(node.max_batch, within=node.max_wait):
+            decoded: list[tuple[Any, Event]] = []
+            inputs = []
+            for e in events:
+                try:
+                    ev = decode_event(e.value)
+                    try:
+                        x = node.build_input(ev)
+                    except BadRecord:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the user's input builder failed
+                        raise BadRecord(
+                            "bad input", f"{type(exc).__name__}: {exc}", ev.request_id
+                        ) from exc
+                except BadRecord as err:
+                    await rt.dead(node.name, err, e)
+                    continue
+                decoded.append((e, ev))
+                inputs.append(x)
+            if not decoded:
+                continue
+            results, latency_ms = await rt.in_thread(infer, inputs)
+            now = time.time()
+            ready = []
+            for (e, ev), res in zip(decoded, results, strict=True):
+                if not res.ok:
+                    reason = res.reason or "model error"
+                    code = "model error" if reason.startswith("model") else "bad input"
+                    await rt.dead(node.name, BadRecord(code, reason, ev.request_id), e)
+                    continue
+                ev.outputs[node.name] = asdict(
+                    Prediction(
+                        model=node.name,
+                        version=version,
+                        output=res.output,
+                        score=res.score,
+                        label=res.label,
+                        latency_ms=latency_ms,
+                        worker=rt.worker,
+                        batch_size=len(inputs),
+                        ts=now,
+                    )
+                )
+                ready.append((ev.request_id.encode(), encode(ev), e.headers))
+            await _send_all(out, ready)
+
+
+def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
+    from comparators.metrics import PairMetrics
+
+    dag = rt.dag.name
+    experiment = experiment_name(dag, node.name)
+    a_topic, b_topic = node_topic(dag, node.a), node_topic(dag, node.b)
+    label_topic = node_topic(dag, node.labels) if node.labels else None
+    tick_topic = f"abdag.{dag}.{node.name}.ticks"
+    names = [a_topic, b_topic] + ([label_topic] if label_topic else []) + [tick_topic]
+    source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
+    ticks = rt.topic(tick_topic)
+    pairs = rt.topic(pairs_topic(dag, node.name))
+    snaps = rt.topic(snapshots_topic(dag, node.name))
+    table = rt.app.Table(
+        f"{node.name}-join",
+        partitions=rt.dag.partitions,
+        key_type=str,
+        value_type=dict,
+        key_serializer="json",
+        value_serializer="json",
+    )
+    join = PairJoin(join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=table)
+    metrics: dict[int, PairMetrics] = {}
+    since_snapshot: Counter[int] = Counter()
+    last_snapshot: dict[int, float] = {}
+    ticked: dict[str, float] = {}
+
+    async def snapshot(partition: int, now: float) -> None:
+        rows = snapshot_rows(experiment, rt.worker, partition, metrics[partition], now)
+        since_snapshot[partition] = 0
+        last_snapshot[partition] = now
+        await snaps.send(key=str(partition).encode(), value=orjson.dumps(rows))
+
+    @rt.app.agent(source, name=f"{node.name}-join")
+    async def compare(stream):
+        async for e in stream.events():
+            topic, partition, now = e.message.topic, e.message.partition, time.time()
+            try:
+                if topic == tick_topic:
+                    emitted = join.expire(e.key.decode(), now)
+                elif topic == label_topic:
+                    lab = decode_label(e.value)
+                    emitted = join.offer_label(lab.request_id, lab.label, lab.ts, now)
+                else:
+                    ev = decode_event(e.value)
+                    side, model = ("a", node.a) if topic == a_topic else ("b", node.b)
+                    pred = asdict(ev.prediction(model))
+                    pred["request_ts"] = ev.ts
+                    emitted = join.offer_prediction(side, ev.request_id, pred, now)
+            except BadRecord as err:
+                await rt.dead(node.name, err, e)
+                continue
+            if emitted is None:
+                continue
+            row = pair_row(experiment, node, emitted, partition, rt.worker, now)
+            await pairs.send(key=emitted.request_id.encode(), value=orjson.dumps(row))
+            if emitted.newly_paired or emitted.newly_labelled:
+                m = metrics.get(partition)
+                if m is None:
+                    m = metrics[partition] = PairMetrics(task=node.task, metrics=node.metrics)
+                a, b = emitted.a or {}, emitted.b or {}
+                m.update(
+                    a.get("score"),
+                    a.get("label"),
+                    b.get("score"),
+                    b.get("label"),
+                    emitted.label,
+                    a.get("latency_ms"),
+                    b.get("latency_ms"),
+                ) if emitted.newly_labelled or emitted.label is None else None
+                since_snapshot[partition] += 1
+                if since_snapshot[partition] >= node.snapshot_every:
+                    await snapshot(partition, now)
+
+    @rt.app.timer(interval=1.0, name=f"{node.name}-expiry")
+    async def expire_due() -> None:
+        now = time.time()
+        sent = 0
+        for rid in join.due(now):
+            if now - ticked.get(rid, 0.0) < 5.0:
+                continue
+            ticked[rid] = now
+            await ticks.send(key=rid.encode(), value=b"{}")
+            sent += 1
+            if sent >= 5000:
+                break
+        for rid in [r for r, t in ticked.items() if now - t > 10.0]:
+            del ticked[rid]
+
+    @rt.app.timer(interval=node.snapshot_interval, name=f"{node.name}-snapshots")
+    async def periodic_snapshots() -> None:
+        now = time.time()
+        for partition in list(metrics):
+            if (
+                since_snapshot[partition]
+                and now - last_snapshot.get(partition, 0) >= node.snapshot_interval
+            ):
+                await snapshot(partition, now)
+
+    pair_sink = rt.sink("pairs", PAIR_COLUMNS)
+    snap_sink = rt.sink("metric_snapshots", SNAPSHOT_COLUMNS)
+
+    @rt.app.agent(pairs, name=f"{node.name}-pairs-sink")
+    async def write_pairs(stream):
+        async for values in stream.take(5000, within=0.5):
+            rows = [to_insert_values(orjson.loads(v)) for v in values]
+            await rt.in_thread(pair_sink.write, rows)
+
+    @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
+    async def write_snapshots(stream):
+        async for values in stream.take(1000, within=1.0):
+            rows = [r for v in values for r in orjson.loads(v)]
+            await rt.in_thread(snap_sink.write, [[r[c] for c in SNAPSHOT_COLUMNS] for r in rows])
+
+
+def _dead_letter_sink(rt: DagRuntime) -> None:
+    sink = rt.sink("dead_letters", DEAD_LETTER_COLUMNS)
+
+    @rt.app.agent(rt.dead_topic, name="dead-letter-sink")
+    async def write_dead_letters(stream):
+        async for values in stream.take(1000, within=1.0):
+            rows = []
+            for v in values:
+                try:
+                    d = decode_dead_letter(v)
+                except (BadRecord, KeyError, ValueError) as exc:
+                    log.error("unreadable dead letter skipped: %s", exc)
+                    continue
+                rows.append([d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1])
+            await rt.in_thread(sink.write, rows)
+
+
+def _dt(ts: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, tz=UTC)

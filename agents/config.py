@@ -1,0 +1,55 @@
+"""Faust settings that are correct on the local Tansu broker and on Apache Kafka.
+
+Facts behind each value are in the project's broker notes:
+- short session/heartbeat/rebalance timeouts: a joining or dead worker is noticed in
+  seconds, not the 30 s the defaults give;
+- ``producer_max_batch_size=1`` on Tansu only: Tansu's ListOffsets answers the first offset
+  of the last batch, which makes table changelogs recover stale; single-record batches
+  avoid it (Apache Kafka does not need it);
+- at-least-once, never exactly_once (Tansu refuses transactional producers); everything
+  downstream tolerates re-delivery, and a short commit interval keeps re-deliveries few;
+- no standby replicas: a partition's table is recovered from its changelog when it moves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from abdag.settings import Settings
+
+
+def broker_kind(settings: Settings) -> str:
+    """'tansu' (the embedded broker) or 'kafka'; env ABDAG_BROKER_KIND, default tansu."""
+    kind = os.environ.get("ABDAG_BROKER_KIND", "tansu").lower()
+    if kind not in ("tansu", "kafka"):
+        raise ValueError(f"ABDAG_BROKER_KIND must be 'tansu' or 'kafka', got {kind!r}")
+    return kind
+
+
+def faust_settings(settings: Settings, *, partitions: int, app_id: str) -> dict[str, Any]:
+    datadir = Path(settings.data_dir, "faust").resolve()
+    datadir.mkdir(parents=True, exist_ok=True)
+    session = float(os.environ.get("ABDAG_SESSION_TIMEOUT", "4"))
+    conf: dict[str, Any] = {
+        "broker": [f"kafka://{hp.strip()}" for hp in settings.broker.split(",")],
+        "store": "memory://",
+        "topic_partitions": partitions,
+        "topic_replication_factor": int(os.environ.get("ABDAG_REPLICATION", "1")),
+        "topic_allow_declare": True,
+        "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": session,
+        "broker_heartbeat_interval": min(0.5, session / 4),
+        "broker_rebalance_timeout": session,
+        "broker_commit_interval": 0.2,
+        "table_standby_replicas": 0,
+        "web_enabled": False,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "datadir": str(datadir / f"{app_id}-{os.getpid()}"),
+        "processing_guarantee": "at_least_once",
+    }
+    if broker_kind(settings) == "tansu":
+        conf["producer_max_batch_size"] = 1
+    return conf

@@ -1,0 +1,288 @@
+"""The DAG API: a serving graph of sources, transforms, model nodes and comparisons.
+
+A DAG file reads in a few lines::
+
+    dag = Dag("fraud")
+    tx = dag.source("transactions")
+    a = dag.model("fraud_a", tx, path="fraud_a.pt", inputs=features, output="sigmoid")
+    b = dag.model("fraud_b", tx, path="fraud_b.pt", inputs=features, output="sigmoid")
+    dag.compare("a_vs_b", a=a, b=b, labels=dag.labels("chargebacks"), task="binary")
+
+Each node becomes one Faust agent (see :mod:`agents.app`) consuming its input's topic and
+publishing to its own, keyed by request id. Nothing runs until :meth:`Dag.validate` passed.
+
+>>> dag = Dag("demo")
+>>> src = dag.source("events")
+>>> up = dag.transform("upper", src, lambda p: {"text": p["text"].upper()})
+>>> [n.name for n in dag.topological()]
+['events', 'upper']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.errors import DagError
+from topics import Event, check_name
+
+TASKS = ("binary", "multiclass", "regression")
+OUTPUTS = ("sigmoid", "probability", "softmax", "value", "raw")
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    inputs: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass(eq=False)
+class Source(Node):
+    """An input topic that any Kafka client can write JSON events to."""
+
+    example: dict[str, Any] | None = None
+    sampler: Callable[[int, int], list[dict[str, Any]]] | None = None
+
+
+@dataclass(eq=False)
+class LabelSource(Node):
+    """An input topic of ground truth: ``{"request_id": ..., "label": ...}``."""
+
+
+@dataclass(eq=False)
+class Transform(Node):
+    """A function of one event's payload returning the new payload."""
+
+    fn: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda p: p)
+
+
+@dataclass(eq=False)
+class ModelNode(Node):
+    """A PyTorch model run in micro-batches on the events of its input(s)."""
+
+    path: str = ""
+    build_input: Callable[[Event], Any] | None = None
+    output: str = "sigmoid"
+    model_class: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    device: str = "auto"
+    max_batch: int = 64
+    max_wait: float = 0.01
+    threshold: float = 0.5
+    replaces: str | None = None  # set on shadow copies: which node this one stands in for
+
+
+@dataclass(eq=False)
+class Comparison(Node):
+    """The signal comparison node: A against B on the same requests, with labels if any."""
+
+    a: str = ""
+    b: str = ""
+    labels: str | None = None
+    task: str = "binary"
+    metrics: list[str] | None = None
+    join_timeout: float = 30.0
+    label_timeout: float = 3600.0
+    margin: float = 0.0
+    snapshot_every: int = 1000
+    snapshot_interval: float = 5.0
+
+
+class Dag:
+    """A named graph of nodes; topics are named ``abdag.<dag>.<node>``."""
+
+    def __init__(self, name: str, *, partitions: int = 4, file: str | None = None) -> None:
+        self.name = check_name("DAG", name)
+        if not isinstance(partitions, int) or partitions < 1:
+            raise DagError(f"partitions must be a positive integer, got {partitions!r}", file=file)
+        self.partitions = partitions
+        self.file = file
+        self.nodes: dict[str, Node] = {}
+
+    # -- building -------------------------------------------------------------------------
+    def _add(self, node: Node) -> Node:
+        try:
+            check_name("node", node.name)
+        except ValueError as exc:
+            raise DagError(str(exc), node=str(node.name), file=self.file) from None
+        if node.name in self.nodes:
+            raise DagError("duplicate node name", node=node.name, file=self.file)
+        self.nodes[node.name] = node
+        return node
+
+    @staticmethod
+    def _names(inputs: Node | str | Sequence[Node | str]) -> tuple[str, ...]:
+        if isinstance(inputs, Node | str):
+            inputs = [inputs]
+        return tuple(i.name if isinstance(i, Node) else str(i) for i in inputs)
+
+    def source(
+        self,
+        name: str,
+        *,
+        example: dict[str, Any] | None = None,
+        sampler: Callable[[int, int], list[dict[str, Any]]] | None = None,
+    ) -> Source:
+        """An input. ``sampler(n, seed)`` makes synthetic events for ``abdag produce``."""
+        return self._add(Source(name, (), example=example, sampler=sampler))
+
+    def labels(self, name: str) -> LabelSource:
+        return self._add(LabelSource(name, ()))
+
+    def transform(
+        self, name: str, input: Node | str, fn: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> Transform:
+        return self._add(Transform(name, self._names(input), fn=fn))
+
+    def model(
+        self,
+        name: str,
+        input: Node | str | Sequence[Node | str],
+        *,
+        path: str,
+        inputs: Callable[[Event], Any],
+        output: str = "sigmoid",
+        model_class: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        device: str = "auto",
+        max_batch: int = 64,
+        max_wait: float = 0.01,
+        threshold: float = 0.5,
+    ) -> ModelNode:
+        """A model node. ``inputs(event)`` builds one example's tensor (or tuple of tensors)
+        from the event's payload and upstream outputs; ``output`` says how to read the
+        model's answer (one of sigmoid, probability, softmax, value, raw)."""
+        return self._add(
+            ModelNode(
+                name,
+                self._names(input),
+                path=path,
+                build_input=inputs,
+                output=output,
+                model_class=model_class,
+                model_kwargs=model_kwargs,
+                device=device,
+                max_batch=max_batch,
+                max_wait=max_wait,
+                threshold=threshold,
+            )
+        )
+
+    def compare(
+        self,
+        name: str,
+        *,
+        a: Node | str,
+        b: Node | str,
+        labels: Node | str | None = None,
+        task: str = "binary",
+        metrics: list[str] | None = None,
+        join_timeout: float = 30.0,
+        label_timeout: float = 3600.0,
+        margin: float = 0.0,
+        snapshot_every: int = 1000,
+        snapshot_interval: float = 5.0,
+    ) -> Comparison:
+        """Compare two model nodes' outputs on the same requests (see comparators/)."""
+        (a_name,), (b_name,) = self._names(a), self._names(b)
+        label_name = self._names(labels)[0] if labels is not None else None
+        inputs = (a_name, b_name) + ((label_name,) if label_name else ())
+        return self._add(
+            Comparison(
+                name,
+                inputs,
+                a=a_name,
+                b=b_name,
+                labels=label_name,
+                task=task,
+                metrics=metrics,
+                join_timeout=join_timeout,
+                label_timeout=label_timeout,
+                margin=margin,
+                snapshot_every=snapshot_every,
+                snapshot_interval=snapshot_interval,
+            )
+        )
+
+    def shadow(self, node: Node | str, *, replace: dict[Node | str, Node | str]) -> Node:
+        """B's branch of ``node``: a copy of it, and of everything between it and the
+        replaced node(s), that reads B's outputs instead of A's.
+
+        Use it to compare at depth: when a new embedding model replaces an old one, the
+        ranker downstream must run again on the new embeddings before the final outputs can
+        be compared. Copies are named ``<name>__<replacement>``.
+        """
+        target = self._names(node)[0]
+        swaps = {self._names(k)[0]: self._names(v)[0] for k, v in replace.items()}
+        for old, new in swaps.items():
+            for n in (old, new, target):
+                if n not in self.nodes:
+                    raise DagError("shadow refers to an unknown node", node=n, file=self.file)
+        tag = "__".join(sorted(swaps.values()))
+        copies: dict[str, str] = dict(swaps)
+
+        def copy_of(name: str) -> str:
+            if name in copies:
+                return copies[name]
+            original = self.nodes[name]
+            new_inputs = tuple(copy_of(i) for i in original.inputs)
+            if new_inputs == original.inputs:
+                copies[name] = name  # does not depend on a replaced node: share it
+                return name
+            if not isinstance(original, ModelNode | Transform):
+                raise DagError("only model and transform nodes can be shadowed", node=name)
+            clone = type(original)(**{**original.__dict__, "name": f"{name}__{tag}"})
+            clone.inputs = new_inputs
+            if isinstance(clone, ModelNode):
+                clone.replaces = name
+            self._add(clone)
+            copies[name] = clone.name
+            return clone.name
+
+        result = copy_of(target)
+        if result == target:
+            raise DagError(
+                "shadow: the node does not depend on any replaced node", node=target, file=self.file
+            )
+        return self.nodes[result]
+
+    # -- reading --------------------------------------------------------------------------
+    def topological(self) -> list[Node]:
+        """Nodes in dependency order; raises DagError on a cycle or an unknown input."""
+        order: list[Node] = []
+        state: dict[str, int] = {}
+
+        def visit(name: str, path: tuple[str, ...]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = " -> ".join(path[path.index(name) :] + (name,))
+                raise DagError(f"cycle: {cycle}", node=name, file=self.file)
+            state[name] = 1
+            for inp in self.nodes[name].inputs:
+                if inp not in self.nodes:
+                    raise DagError(f"unknown input {inp!r}", node=name, file=self.file)
+                visit(inp, path + (name,))
+            state[name] = 2
+            order.append(self.nodes[name])
+
+        for name in self.nodes:
+            visit(name, ())
+        return order
+
+    def of_kind(self, cls: type[Node]) -> list[Node]:
+        return [n for n in self.topological() if isinstance(n, cls)]
+
+    def root_source(self, name: str) -> Source | None:
+        """The source a node's events come from (first input chain)."""
+        node = self.nodes[name]
+        while not isinstance(node, Source):
+            if not node.inputs:
+                return None
+            node = self.nodes[node.inputs[0]]
+        return node

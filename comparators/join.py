@@ -1,0 +1,153 @@
+"""Joining model A's and model B's outputs, and the label, by request id.
+
+Faust has no stream-stream join, so the join is a small state machine over a mapping keyed
+by request id. In a worker the mapping is a Faust Table (its changelog survives restarts and
+moves with the partition on a rebalance); in tests it can be a dict.
+
+Each request's entry remembers what has been emitted (``stage``: 1 unpaired, 2 paired
+without label, 3 paired with label). A re-delivered event (after a rebalance or a crash)
+finds its side already present and emits nothing, so nothing counts twice; a later stage
+supersedes an earlier one downstream (ClickHouse keeps the highest stage per request).
+
+>>> join = PairJoin(join_timeout=10, label_timeout=60, store={})
+>>> join.offer_prediction("a", "r1", {"score": 0.9}, now=0.0) is None
+True
+>>> emitted = join.offer_prediction("b", "r1", {"score": 0.7}, now=1.0)
+>>> emitted.stage, emitted.status, emitted.label
+(2, 'paired', None)
+>>> join.offer_label("r1", 1.0, label_ts=5.0, now=5.0).stage
+3
+>>> join.offer_prediction("a", "r1", {"score": 0.9}, now=6.0) is None  # re-delivered
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+UNPAIRED, PAIRED, LABELLED = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What the join learned about one request: a row for the pairs table."""
+
+    request_id: str
+    stage: int
+    status: str  # 'paired' | 'missing_a' | 'missing_b'
+    a: dict[str, Any] | None
+    b: dict[str, Any] | None
+    label: float | None
+    label_ts: float | None
+    first_ts: float
+    newly_labelled: bool
+    newly_paired: bool
+
+
+class PairJoin:
+    """Pairs A and B outputs per request id, then attaches the label whenever it comes.
+
+    ``join_timeout``: seconds after the first side arrives before the request is emitted as
+    unpaired (a side that arrives later still pairs it). ``label_timeout``: seconds a paired
+    request waits for its label (and a label for its predictions) before the entry is
+    forgotten. ``keep_done``: how long a finished entry is kept to recognise re-deliveries.
+    """
+
+    def __init__(
+        self,
+        *,
+        join_timeout: float,
+        label_timeout: float,
+        store: MutableMapping[str, dict[str, Any]],
+        keep_done: float = 300.0,
+    ) -> None:
+        self.join_timeout = join_timeout
+        self.label_timeout = label_timeout
+        self.keep_done = keep_done
+        self.store = store
+
+    def offer_prediction(
+        self, side: str, request_id: str, prediction: dict[str, Any], now: float
+    ) -> Emitted | None:
+        if side not in ("a", "b"):
+            raise ValueError(f"side must be 'a' or 'b', got {side!r}")
+        entry = self.store.get(request_id) or {"first": now, "stage": 0}
+        if entry.get(side) is not None:
+            return None  # re-delivered
+        entry[side] = prediction
+        entry.setdefault("first", now)
+        entry["touched"] = now
+        emitted = None
+        if entry.get("a") is not None and entry.get("b") is not None:
+            stage = LABELLED if entry.get("label") is not None else PAIRED
+            emitted = self._emit(request_id, entry, stage)
+        self.store[request_id] = entry
+        return emitted
+
+    def offer_label(
+        self, request_id: str, label: float, label_ts: float, now: float
+    ) -> Emitted | None:
+        entry = self.store.get(request_id) or {"first": now, "stage": 0}
+        if entry.get("label") is not None:
+            return None  # re-delivered, or a second label for the same request: first wins
+        entry["label"] = label
+        entry["label_ts"] = label_ts
+        entry["touched"] = now
+        emitted = None
+        if entry.get("a") is not None and entry.get("b") is not None:
+            emitted = self._emit(request_id, entry, LABELLED)
+        self.store[request_id] = entry
+        return emitted
+
+    def _emit(self, request_id: str, entry: dict[str, Any], stage: int) -> Emitted | None:
+        previous = entry.get("stage", 0)
+        if stage <= previous:
+            return None
+        entry["stage"] = stage
+        if stage == UNPAIRED:
+            status = "missing_b" if entry.get("a") is not None else "missing_a"
+        else:
+            status = "paired"
+        return Emitted(
+            request_id=request_id,
+            stage=stage,
+            status=status,
+            a=entry.get("a"),
+            b=entry.get("b"),
+            label=entry.get("label") if stage == LABELLED else None,
+            label_ts=entry.get("label_ts") if stage == LABELLED else None,
+            first_ts=entry["first"],
+            newly_labelled=stage == LABELLED,
+            newly_paired=stage >= PAIRED and previous < PAIRED,
+        )
+
+    def due(self, now: float) -> Iterator[str]:
+        """Request ids whose entry needs attention at ``now`` (see :meth:`expire`)."""
+        for rid, entry in list(self.store.items()):
+            if self._deadline(entry) <= now:
+                yield rid
+
+    def _deadline(self, entry: dict[str, Any]) -> float:
+        stage = entry.get("stage", 0)
+        has_side = entry.get("a") is not None or entry.get("b") is not None
+        if stage == 0 and has_side:
+            return entry["first"] + self.join_timeout
+        if stage == LABELLED:
+            return entry["touched"] + self.keep_done
+        return entry["touched"] + self.label_timeout
+
+    def expire(self, request_id: str, now: float) -> Emitted | None:
+        """Emit a request that waited too long as unpaired, or forget a finished entry."""
+        entry = self.store.get(request_id)
+        if entry is None or self._deadline(entry) > now:
+            return None
+        has_side = entry.get("a") is not None or entry.get("b") is not None
+        if entry.get("stage", 0) == 0 and has_side:
+            emitted = self._emit(request_id, entry, UNPAIRED)
+            entry["touched"] = now
+            self.store[request_id] = entry
+            return emitted
+        del self.store[request_id]
+        return None

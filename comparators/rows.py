@@ -1,0 +1,116 @@
+"""Rows of the ClickHouse tables, built from what the join emitted.
+
+Kept apart from the sink (which only moves rows) and the schema (which only declares
+tables), so the column order is written once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from comparators.join import Emitted
+
+PAIR_COLUMNS = [
+    "experiment",
+    "request_id",
+    "partition",
+    "status",
+    "task",
+    "model_a",
+    "model_b",
+    "version_a",
+    "version_b",
+    "score_a",
+    "score_b",
+    "pred_a",
+    "pred_b",
+    "label",
+    "latency_a_ms",
+    "latency_b_ms",
+    "request_ts",
+    "paired_ts",
+    "label_ts",
+    "stage",
+    "worker",
+]
+SNAPSHOT_COLUMNS = ["experiment", "ts", "worker", "partition", "model", "metric", "value", "n"]
+_TIME_COLUMNS = {"request_ts", "paired_ts", "label_ts"}
+
+
+def experiment_name(dag: str, comparison: str) -> str:
+    """Experiments are named ``<dag>.<comparison>`` so two DAGs never mix their rows."""
+    return f"{dag}.{comparison}"
+
+
+def pair_row(
+    experiment: str, node: Any, emitted: Emitted, partition: int, worker: str, now: float
+) -> dict:
+    """A JSON-safe dict with every pairs column (times as epoch seconds)."""
+    a, b = emitted.a or {}, emitted.b or {}
+    request_ts = a.get("request_ts") or b.get("request_ts") or emitted.first_ts
+    return {
+        "experiment": experiment,
+        "request_id": emitted.request_id,
+        "partition": partition,
+        "status": emitted.status,
+        "task": node.task,
+        "model_a": node.a,
+        "model_b": node.b,
+        "version_a": a.get("version", ""),
+        "version_b": b.get("version", ""),
+        "score_a": a.get("score") if node.task != "regression" else _value(a),
+        "score_b": b.get("score") if node.task != "regression" else _value(b),
+        "pred_a": a.get("label"),
+        "pred_b": b.get("label"),
+        "label": emitted.label,
+        "latency_a_ms": a.get("latency_ms"),
+        "latency_b_ms": b.get("latency_ms"),
+        "request_ts": request_ts,
+        "paired_ts": now,
+        "label_ts": emitted.label_ts,
+        "stage": emitted.stage,
+        "worker": worker,
+    }
+
+
+def _value(pred: dict) -> float | None:
+    out = pred.get("output")
+    return float(out) if isinstance(out, int | float) else pred.get("score")
+
+
+def to_insert_values(row: dict[str, Any]) -> list[Any]:
+    """Column values in PAIR_COLUMNS order, times as timezone-aware datetimes."""
+    return [
+        _dt(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c] for c in PAIR_COLUMNS
+    ]
+
+
+def snapshot_rows(
+    experiment: str, worker: str, partition: int, metrics: Any, now: float
+) -> list[dict[str, Any]]:
+    """One row per (model, metric) of a PairMetrics snapshot, for curves over time."""
+    rows = []
+    snap = metrics.snapshot()
+    n = int(snap.get("pair", {}).get("n", 0))
+    for model, values in snap.items():
+        for metric, value in values.items():
+            if value is None:
+                continue
+            rows.append(
+                {
+                    "experiment": experiment,
+                    "ts": _dt(now).isoformat(),
+                    "worker": worker,
+                    "partition": partition,
+                    "model": model,
+                    "metric": metric,
+                    "value": float(value),
+                    "n": n,
+                }
+            )
+    return rows
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)

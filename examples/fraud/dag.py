@@ -1,0 +1,27 @@
+"""Card-fraud scoring: production model A against retrained model B, labels from chargebacks.
+
+Train the two models first (`python -m abdag.demo.fraud examples/fraud/models`), then
+`abdag worker examples/fraud/dag.py` and `abdag produce examples/fraud/dag.py
+--source transactions --synthetic 1000`.
+"""
+
+import os
+from pathlib import Path
+
+from abdag.demo.fraud import features_tensor, generate
+from agents import Dag
+
+MODELS = Path(os.environ.get("ABDAG_FRAUD_MODELS", Path(__file__).parent / "models"))
+
+dag = Dag("fraud", partitions=4)
+transactions = dag.source("transactions", sampler=lambda n, seed: generate(n, seed)[0])
+chargebacks = dag.labels("chargebacks")
+
+
+def features(event):
+    return features_tensor(event.payload)
+
+
+a = dag.model("fraud_a", transactions, path=str(MODELS / "fraud_a.pt"), inputs=features)
+b = dag.model("fraud_b", transactions, path=str(MODELS / "fraud_b.pt"), inputs=features)
+dag.compare("a_vs_b", a=a, b=b, labels=chargebacks, task="binary", join_timeout=10.0, margin=0.005)

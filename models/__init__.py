@@ -1,0 +1,35 @@
+"""Model loading and batched inference for abdag DAG nodes.
+
+``load_model`` turns a file (TorchScript, torch.export ``.pt2`` or state_dict + class
+path) into a versioned ``LoadedModel``; ``BatchRunner`` validates items and runs them
+in one forward call, turning every failure into a per-item reason.
+"""
+
+from models.batching import OUTPUT_KINDS, BatchRunner, ItemInput, ItemResult, OutputKind, TensorSpec
+from models.device import resolve_device
+from models.errors import ModelError
+from models.loading import (
+    FORMATS,
+    LoadedModel,
+    detect_format,
+    file_version,
+    import_class,
+    load_model,
+)
+
+__all__ = [
+    "FORMATS",
+    "OUTPUT_KINDS",
+    "BatchRunner",
+    "ItemInput",
+    "ItemResult",
+    "LoadedModel",
+    "ModelError",
+    "OutputKind",
+    "TensorSpec",
+    "detect_format",
+    "file_version",
+    "import_class",
+    "load_model",
+    "resolve_device",
+]

@@ -1,0 +1,72 @@
+"""Creating and describing a DAG's topics on the broker (confluent-kafka AdminClient).
+
+All topics of a DAG get the same partition count, so a request id lands in the same
+partition number everywhere. An existing topic with another count is an error, not
+something to paper over: it would silently break the A/B join.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+class BrokerUnreachable(RuntimeError):
+    """The broker did not answer a metadata request."""
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    name: str
+    partitions: int
+    created: bool
+
+
+def admin_client(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+
+
+def existing_topics(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> dict[str, int]:
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerUnreachable(
+            f"the Kafka broker at {bootstrap} did not answer within {timeout:.0f} s "
+            f"(is `abdag up` running, or ABDAG_BROKER right?): {exc}"
+        ) from exc
+    return {name: len(t.partitions) for name, t in meta.topics.items()}
+
+
+def ensure_topics(
+    bootstrap: str, names: list[str], partitions: int, *, replication: int = 1
+) -> list[TopicInfo]:
+    """Create missing topics; raise ValueError if one exists with another partition count."""
+    admin = admin_client(bootstrap)
+    have = existing_topics(admin, bootstrap)
+    missing = [n for n in names if n not in have]
+    created: set[str] = set()
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(n, num_partitions=partitions, replication_factor=replication)
+                for n in missing
+            ]
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=10)
+                created.add(name)
+            except KafkaException as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise BrokerUnreachable(f"could not create topic {name}: {exc}") from exc
+        have = existing_topics(admin, bootstrap)
+    wrong = {n: have.get(n) for n in names if have.get(n) not in (None, partitions)}
+    if wrong:
+        detail = ", ".join(f"{n} has {p}" for n, p in wrong.items())
+        raise ValueError(
+            f"topics must all have {partitions} partitions so a request's outputs meet in one "
+            f"partition; {detail}. Delete them or set the DAG's partitions to match."
+        )
+    return [TopicInfo(n, have.get(n, partitions), n in created) for n in names]
