@@ -24,6 +24,23 @@ setup() {
   fi
 }
 
+# Debian packages the tests use: docker-compose (checks docker-compose.yml without an
+# engine) and chromium + chromium-driver (renders the dashboard headless).
+system_packages() {
+  local missing=()
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian packages: ${missing[*]}" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || echo "== could not install ${missing[*]}; the tests that need them will be skipped" >&2
+  else
+    echo "== ${missing[*]} missing and not root: the tests that need them will be skipped" >&2
+  fi
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -33,6 +50,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    system_packages
     "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

@@ -105,3 +105,29 @@ def produce(args: argparse.Namespace, settings: Settings) -> int:
     n = send(settings.broker, topic, events, total=total, rate=args.rate)
     print(f"{n} events delivered to {topic}")
     return 0
+
+
+@command("sql")
+def sql(args: argparse.Namespace, settings: Settings) -> int:
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from abdag.cli import UserError
+    from abdag.clickhouse import connect
+    from abdag.tables import render
+
+    client = connect(settings, readonly=True)
+    try:
+        result = client.query(args.query)
+    except DatabaseError as exc:
+        raise UserError(str(exc).strip().splitlines()[0]) from None
+    print(render(result.column_names, result.result_rows, args.format))
+    return 0
+
+
+@command("demo")
+def demo(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.demo.run import run_demo
+
+    return run_demo(
+        settings, requests=args.requests, workers=args.workers, keep_running=args.keep_running
+    )

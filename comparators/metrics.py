@@ -301,9 +301,7 @@ class PairMetrics:
                 "river": river_metrics,
                 # metrics updated one by one (not through the shared confusion matrix)
                 "direct": [v for k, v in river_metrics.items() if k not in _CM_METRICS],
-                "hist": ScoreHistogram(auc_bins)
-                if {"roc_auc", "pr_auc"} & set(names)
-                else None,
+                "hist": ScoreHistogram(auc_bins) if {"roc_auc", "pr_auc"} & set(names) else None,
                 "latency": LogHistogram(latency_rel_acc),
                 "loss_sum": 0.0,
                 "abs_err_sum": 0.0,
@@ -379,7 +377,7 @@ class PairMetrics:
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Current values: ``{"a": {...}, "b": {...}, "pair": {...}}`` (river values)."""
-        out: dict[str, dict[str, float]] = {"pair": self._pair_stats()}
+        out: dict[str, dict[str, float]] = {}
         n = self.n_labelled
         for m, side in self._side.items():
             vals: dict[str, float] = {"n": float(n)}
@@ -399,7 +397,7 @@ class PairMetrics:
             vals["latency_p50_ms"] = lat.quantile(0.5)
             vals["latency_p95_ms"] = lat.quantile(0.95)
             out[m] = vals
-        out = {"a": out["a"], "b": out["b"], "pair": out["pair"]}
+        out["pair"] = self._pair_stats()
         return out
 
     def _pair_stats(self) -> dict[str, float]:
@@ -466,6 +464,7 @@ def _pair_stats(
     loss_b: float,
 ) -> dict[str, float]:
     out = {
+        "n": float(n_pairs),  # the row count the snapshot sink records
         "n_pairs": float(n_pairs),
         "n_labelled": float(n_lab),
         "mean_abs_score_diff": sum_abs / n_score_pairs if n_score_pairs else _NAN,
@@ -522,9 +521,7 @@ def merge_sufficient(stats: list[dict[str, Any]]) -> dict[str, Any]:
                 cm[(y, p)] = cm.get((y, p), 0) + c
         hist = None
         if sides[0]["hist"] is not None:
-            hist = {
-                lab: _sparse_add(sd["hist"][lab] for sd in sides) for lab in ("pos", "neg")
-            }
+            hist = {lab: _sparse_add(sd["hist"][lab] for sd in sides) for lab in ("pos", "neg")}
         lat0 = sides[0]["latency"]
         out[m] = {
             "cm": [[y, p, c] for (y, p), c in sorted(cm.items())],

@@ -101,9 +101,7 @@ PAIRS_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 TABLES: dict[str, Table] = {
-    "pairs": Table(
-        "pairs", PAIRS_COLUMNS, "ReplacingMergeTree(stage)", "(experiment, request_id)"
-    ),
+    "pairs": Table("pairs", PAIRS_COLUMNS, "ReplacingMergeTree(stage)", "(experiment, request_id)"),
     "metric_snapshots": Table(
         "metric_snapshots",
         (

@@ -47,3 +47,11 @@ def stack_env(stack, monkeypatch):
         ABDAG_DATA_DIR=str(stack.data_dir),
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def fraud_models(tmp_path_factory):
+    """The demo's two TorchScript models, trained once per test session (a few seconds)."""
+    from abdag.demo.fraud import train_models
+
+    return train_models(tmp_path_factory.mktemp("models"), seed=7)

@@ -6,7 +6,9 @@ through ``"<this module>:ClassName"``, so the class-path mechanism is exercised 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -205,6 +207,16 @@ def test_version_is_stable_across_loads_and_changes_with_weights(tmp_path):
         retrained = _seeded(Binary, seed=1)
         path_b = save(retrained, fmt, tmp_path / fmt, "retrained")
         assert load(path_b, retrained, fmt).version != first.version, fmt
+
+
+def test_version_is_the_file_sha256_prefix_so_a_copied_file_keeps_it(tmp_path):
+    path = save(_seeded(ThreeClass), "export", tmp_path)
+    copy = tmp_path / "deployed" / "champion.pt2"
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert load_model(path).version == expected
+    assert load_model(copy).version == expected
 
 
 def test_missing_file_raises_model_error_naming_it(tmp_path):

@@ -100,8 +100,11 @@ class LocalStack:
             )
 
     def down(self) -> list[str]:
-        """Stop ClickHouse first (it flushes), then the broker. Returns what was stopped."""
+        """Stop workers, then ClickHouse (it flushes), then the broker; return what stopped."""
         stopped = []
+        for pid_file in sorted(self.settings.run_dir().glob("worker-*.pid")):
+            if ManagedProcess(pid_file.stem, self.settings.run_dir()).stop(grace=15):
+                stopped.append(pid_file.stem)  # workers before the broker, or they hang
         if self.clickhouse.stop(grace=10):
             stopped.append("clickhouse")
         if self.broker.stop(hard=True):  # memory storage: nothing to flush

@@ -1,8 +1,6 @@
-"""Card-fraud scoring: production model A against retrained model B, labels from chargebacks.
+"""The demo's DAG: card-fraud model A (production) against retrained model B.
 
-Train the two models first (`python -m abdag.demo.fraud examples/fraud/models`), then
-`abdag worker examples/fraud/dag.py` and `abdag produce examples/fraud/dag.py
---source transactions --synthetic 1000`.
+Model files come from ``ABDAG_DEMO_MODELS`` (the demo trains them there first).
 """
 
 import os
@@ -11,7 +9,7 @@ from pathlib import Path
 from abdag.demo.fraud import features_tensor, generate
 from agents import Dag
 
-MODELS = Path(os.environ.get("ABDAG_FRAUD_MODELS", Path(__file__).parent / "models"))
+MODELS = Path(os.environ.get("ABDAG_DEMO_MODELS", "models"))
 
 dag = Dag("fraud", partitions=4)
 transactions = dag.source("transactions", sampler=lambda n, seed: generate(n, seed)[0])

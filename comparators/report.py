@@ -1,0 +1,565 @@
+"""The A/B report of one experiment, read from ClickHouse.
+
+Every number users see comes from the deduplicated ``pairs`` table (``pairs FINAL``: one
+row per request, the highest stage wins), so re-delivered rows and stage upgrades never
+count twice. Count-based metrics and AUCs are computed in SQL (exactly: ClickHouse's
+``arrayROCAUC`` equals scikit-learn's ``roc_auc_score`` and ``arrayAUCPR`` its
+``average_precision_score``, ties included); the SQL is kept in module constants with
+``{experiment:String}`` server-side parameters so that a CLI can print the SQL behind a
+number. Per-request rows are then pulled once (numpy) for what SQL cannot do well: the
+always-valid sequential test on per-request loss differences and paired bootstrap
+intervals.
+
+>>> sorted(METRICS_SQL)
+['binary', 'multiclass', 'regression']
+>>> "{experiment:String}" in METRICS_SQL["binary"] and "pairs FINAL" in METRICS_SQL["binary"]
+True
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from comparators.schema import PAIRS_DEDUP
+from comparators.statistics import (
+    HIGHER_IS_BETTER,
+    METRIC_FUNCTIONS,
+    McNemarResult,
+    SequentialResult,
+    mcnemar_from_counts,
+    paired_bootstrap_metric_diff,
+    per_request_loss,
+    sequential_test,
+)
+from comparators.verdict import Verdict, decide
+
+__all__ = [
+    "DEAD_LETTERS_SQL",
+    "LIST_EXPERIMENTS_SQL",
+    "LOSS_NAMES",
+    "METRICS_SQL",
+    "OVERVIEW_SQL",
+    "REPORT_METRICS",
+    "ROWS_SQL",
+    "TIMELINE_SQL",
+    "Report",
+    "build_report",
+    "list_experiments",
+    "timeline",
+]
+
+REPORT_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "log_loss"),
+    "multiclass": ("accuracy", "macro_f1", "micro_f1"),
+    "regression": ("mae", "rmse", "r2"),
+}
+LOSS_NAMES = {"binary": "log loss", "multiclass": "0/1 loss", "regression": "squared error"}
+
+_EXP = "experiment = {experiment:String}"
+# Rows that can be scored, per task. The same predicate feeds the metric SQL, the rows
+# pulled for the tests and the timeline, so every count agrees.
+_SCORABLE = {
+    "binary": "score_a IS NOT NULL AND score_b IS NOT NULL",
+    "multiclass": "pred_a IS NOT NULL AND pred_b IS NOT NULL",
+    "regression": "score_a IS NOT NULL AND score_b IS NOT NULL",
+}
+_LABELLED = "status = 'paired' AND label IS NOT NULL"
+
+
+def _labelled_where(task: str) -> str:
+    return f"{_EXP} AND {_LABELLED} AND {_SCORABLE[task]}"
+
+
+OVERVIEW_SQL = f"""SELECT
+    countIf(status = 'paired') AS paired,
+    countIf(status = 'missing_a') AS missing_a,
+    countIf(status = 'missing_b') AS missing_b,
+    countIf({_LABELLED}) AS labelled,
+    argMax(task, paired_ts) AS task,
+    argMaxIf(model_a, paired_ts, status = 'paired') AS model_a,
+    argMaxIf(model_b, paired_ts, status = 'paired') AS model_b,
+    argMaxIf(version_a, paired_ts, status = 'paired') AS version_a,
+    argMaxIf(version_b, paired_ts, status = 'paired') AS version_b,
+    min(request_ts) AS first_request_ts,
+    max(request_ts) AS last_request_ts
+FROM {PAIRS_DEDUP}
+WHERE {_EXP}"""
+
+DEAD_LETTERS_SQL = """SELECT reason, sum(count) AS n
+FROM dead_letters
+WHERE dag = {dag:String}
+GROUP BY reason
+ORDER BY reason"""
+
+LIST_EXPERIMENTS_SQL = "SELECT DISTINCT experiment FROM pairs ORDER BY experiment"
+# DISTINCT is unaffected by duplicate rows, so this one read of pairs needs no FINAL.
+
+_BINARY_SIDE = """    countIf(p{m} = 1 AND y = 1) AS tp_{m},
+    countIf(p{m} = 1 AND y = 0) AS fp_{m},
+    countIf(p{m} = 0 AND y = 1) AS fn_{m},
+    countIf(p{m} = 0 AND y = 0) AS tn_{m},
+    (tp_{m} + tn_{m}) / n AS accuracy_{m},
+    if(tp_{m} + fp_{m} = 0, 0, tp_{m} / (tp_{m} + fp_{m})) AS precision_{m},
+    if(tp_{m} + fn_{m} = 0, 0, tp_{m} / (tp_{m} + fn_{m})) AS recall_{m},
+    if(tp_{m} + fp_{m} + fn_{m} = 0, 0, 2 * tp_{m} / (2 * tp_{m} + fp_{m} + fn_{m})) AS f1_{m},
+    avg(-if(y = 1, log(c{m}), log(1 - c{m}))) AS log_loss_{m},
+    arrayROCAUC(groupArray(s{m}), groupArray(y)) AS roc_auc_{m},
+    arrayAUCPR(groupArray(s{m}), groupArray(y)) AS pr_auc_{m}"""
+
+METRICS_SQL: dict[str, str] = {
+    "binary": f"""WITH labelled AS (
+    SELECT
+        toUInt8(assumeNotNull(label)) AS y,
+        assumeNotNull(score_a) AS sa,
+        assumeNotNull(score_b) AS sb,
+        ifNull(pred_a, toInt32(sa >= 0.5)) AS pa,
+        ifNull(pred_b, toInt32(sb >= 0.5)) AS pb,
+        least(greatest(sa, 1e-15), 1 - 1e-15) AS ca,
+        least(greatest(sb, 1e-15), 1 - 1e-15) AS cb
+    FROM {PAIRS_DEDUP}
+    WHERE {_labelled_where("binary")}
+)
+SELECT
+    count() AS n,
+    countIf(pa != y AND pb = y) AS b01,
+    countIf(pa = y AND pb != y) AS b10,
+{_BINARY_SIDE.format(m="a")},
+{_BINARY_SIDE.format(m="b")}
+FROM labelled""",
+    # Per class: predicted count, actual count, true positives. Each row adds its predicted
+    # class (a prediction, and a true positive when right) and its true class (an actual).
+    "multiclass": f"""WITH labelled AS (
+    SELECT
+        toInt64(assumeNotNull(label)) AS y,
+        toInt64(assumeNotNull(pred_a)) AS pa,
+        toInt64(assumeNotNull(pred_b)) AS pb
+    FROM {PAIRS_DEDUP}
+    WHERE {_labelled_where("multiclass")}
+),
+per_class AS (
+    SELECT model, t.1 AS cls, sum(t.2) AS predicted, sum(t.3) AS actual, sum(t.4) AS tp
+    FROM (
+        SELECT 'a' AS model, arrayJoin([(pa, 1, 0, pa = y), (y, 0, 1, 0)]) AS t FROM labelled
+        UNION ALL
+        SELECT 'b' AS model, arrayJoin([(pb, 1, 0, pb = y), (y, 0, 1, 0)]) AS t FROM labelled
+    )
+    GROUP BY model, cls
+)
+SELECT
+    model,
+    sum(actual) AS n,
+    sum(tp) / sum(actual) AS accuracy,
+    avg(2 * tp / (predicted + actual)) AS macro_f1,
+    2 * sum(tp) / (sum(predicted) + sum(actual)) AS micro_f1,
+    (SELECT countIf(pa != y AND pb = y) FROM labelled) AS b01,
+    (SELECT countIf(pa = y AND pb != y) FROM labelled) AS b10
+FROM per_class
+GROUP BY model
+ORDER BY model""",
+    "regression": f"""WITH labelled AS (
+    SELECT
+        assumeNotNull(label) AS y,
+        assumeNotNull(score_a) AS sa,
+        assumeNotNull(score_b) AS sb
+    FROM {PAIRS_DEDUP}
+    WHERE {_labelled_where("regression")}
+)
+SELECT
+    count() AS n,
+    avg(abs(sa - y)) AS mae_a,
+    avg(abs(sb - y)) AS mae_b,
+    sqrt(avg((sa - y) * (sa - y))) AS rmse_a,
+    sqrt(avg((sb - y) * (sb - y))) AS rmse_b,
+    1 - sum((sa - y) * (sa - y)) / (varPopStable(y) * n) AS r2_a,
+    1 - sum((sb - y) * (sb - y)) / (varPopStable(y) * n) AS r2_b
+FROM labelled""",
+}
+
+_ROW_COLUMNS = """    assumeNotNull(label) AS y,
+    ifNull(score_a, nan) AS sa,
+    ifNull(score_b, nan) AS sb,
+    {pa} AS pa,
+    {pb} AS pb"""
+
+ROWS_SQL: dict[str, str] = {
+    task: f"""SELECT
+{
+        _ROW_COLUMNS.format(
+            pa="ifNull(pred_a, toInt32(score_a >= 0.5))"
+            if task == "binary"
+            else "ifNull(pred_a, -1)",
+            pb="ifNull(pred_b, toInt32(score_b >= 0.5))"
+            if task == "binary"
+            else "ifNull(pred_b, -1)",
+        )
+    }
+FROM {PAIRS_DEDUP}
+WHERE {_labelled_where(task)}
+ORDER BY coalesce(label_ts, paired_ts), request_id"""
+    for task in ("binary", "multiclass", "regression")
+}
+"""Labelled rows in the order labels arrived: the order the sequential test watched them."""
+
+_LOSS_SQL = {
+    "binary": (
+        "-if(label = 1, log(least(greatest(score_{m}, 1e-15), 1 - 1e-15)), "
+        "log(1 - least(greatest(score_{m}, 1e-15), 1 - 1e-15)))"
+    ),
+    "multiclass": "toFloat64(pred_{m} != label)",
+    "regression": "(score_{m} - label) * (score_{m} - label)",
+}
+_CORRECT_SQL = {
+    "binary": "ifNull(pred_{m}, toInt32(score_{m} >= 0.5)) = label",
+    "multiclass": "pred_{m} = label",
+}
+
+
+def _timeline_sql(task: str) -> str:
+    per_model = []
+    for m in ("a", "b"):
+        loss = _LOSS_SQL[task].format(m=m)
+        per_model.append(f"sumIf(ifNull({loss}, 0), lab) AS loss_{m}")
+        if task == "regression":
+            per_model.append(f"sumIf(ifNull(abs(score_{m} - label), 0), lab) AS abs_err_{m}")
+        else:
+            correct = _CORRECT_SQL[task].format(m=m)
+            per_model.append(f"countIf(lab AND ifNull({correct}, 0)) AS correct_{m}")
+    cumulative = []
+    for m in ("a", "b"):
+        if task == "regression":
+            cumulative.append(f"sum(abs_err_{m}) OVER w / nullIf(labelled, 0) AS mae_{m}")
+            cumulative.append(f"sqrt(sum(loss_{m}) OVER w / nullIf(labelled, 0)) AS rmse_{m}")
+        else:
+            cumulative.append(f"sum(correct_{m}) OVER w / nullIf(labelled, 0) AS accuracy_{m}")
+            if task == "binary":
+                cumulative.append(f"sum(loss_{m}) OVER w / nullIf(labelled, 0) AS log_loss_{m}")
+    inner = ",\n        ".join(per_model)
+    outer = ",\n    ".join(cumulative)
+    return f"""SELECT
+    bucket,
+    sum(n_paired) OVER w AS paired,
+    sum(n_labelled) OVER w AS labelled,
+    {outer}
+FROM (
+    SELECT
+        toStartOfInterval(request_ts, toIntervalSecond({{bucket_seconds:UInt32}})) AS bucket,
+        countIf(status = 'paired') AS n_paired,
+        countIf(lab) AS n_labelled,
+        {inner}
+    FROM (
+        SELECT *, {_LABELLED} AND {_SCORABLE[task]} AS lab
+        FROM {PAIRS_DEDUP}
+        WHERE {_EXP}
+    )
+    GROUP BY bucket
+)
+WINDOW w AS (ORDER BY bucket ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+ORDER BY bucket"""
+
+
+TIMELINE_SQL: dict[str, str] = {t: _timeline_sql(t) for t in ("binary", "multiclass", "regression")}
+"""Cumulative metrics of A and B per time bucket of ``request_ts`` (dashboard curves)."""
+
+
+# ------------------------------------------------------------------------ report
+@dataclass
+class Report:
+    """Everything a user needs to judge B against A; ``metrics[name]`` is
+    ``(a, b, b - a, ci_low, ci_high)`` with the interval on ``b - a``."""
+
+    experiment: str
+    task: str
+    model_a: str
+    model_b: str
+    version_a: str
+    version_b: str
+    counts: dict[str, int]
+    metrics: dict[str, tuple[float, float, float, float, float]]
+    mcnemar: McNemarResult | None
+    sequential: SequentialResult | None
+    verdict: Verdict
+    sql: list[str]
+    margin: float = 0.0
+    alpha: float = 0.05
+    loss: str = ""
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    ci_method: str = ""
+    first_request_ts: str | None = None
+    last_request_ts: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: NaN and infinities become None, numpy scalars Python numbers."""
+        return _json_safe(
+            {
+                "experiment": self.experiment,
+                "task": self.task,
+                "model_a": self.model_a,
+                "model_b": self.model_b,
+                "version_a": self.version_a,
+                "version_b": self.version_b,
+                "counts": self.counts,
+                "dead_letters": self.dead_letters,
+                "metrics": {
+                    k: {
+                        "a": v[0],
+                        "b": v[1],
+                        "diff": v[2],
+                        "ci_low": v[3],
+                        "ci_high": v[4],
+                        "higher_is_better": HIGHER_IS_BETTER.get(k),
+                    }
+                    for k, v in self.metrics.items()
+                },
+                "mcnemar": self.mcnemar.to_dict() if self.mcnemar else None,
+                "sequential": self.sequential.to_dict() if self.sequential else None,
+                "verdict": self.verdict.to_dict(),
+                "loss": self.loss,
+                "margin": self.margin,
+                "alpha": self.alpha,
+                "ci_method": self.ci_method,
+                "first_request_ts": self.first_request_ts,
+                "last_request_ts": self.last_request_ts,
+                "sql": self.sql,
+            }
+        )
+
+    def render(self) -> str:
+        """A text report: counts, a metric table, the tests and the verdict."""
+        c = self.counts
+        lines = [
+            f"Experiment {self.experiment} ({self.task or 'no data'})",
+            f"  A: {_model(self.model_a, self.version_a)}   "
+            f"B: {_model(self.model_b, self.version_b)}",
+            f"  {c.get('paired', 0)} paired, {c.get('missing_a', 0)} missing A, "
+            f"{c.get('missing_b', 0)} missing B, {c.get('labelled', 0)} labelled, "
+            f"{c.get('dead_letters', 0)} dead letters",
+            "",
+        ]
+        if self.metrics:
+            level = f"{1 - self.alpha:.0%} CI"
+            head = f"  {'metric':<10} {'A':>9} {'B':>9} {'B - A':>9}  {level:<22} better"
+            lines += [head, "  " + "-" * (len(head) - 2)]
+            for name, (a, b, diff, lo, hi) in self.metrics.items():
+                hib = HIGHER_IS_BETTER.get(name, True)
+                arrow = "higher" if hib else "lower"
+                ci = f"[{_f(lo, True)}, {_f(hi, True)}]"
+                lines.append(
+                    f"  {name:<10} {_f(a):>9} {_f(b):>9} {_f(diff, True):>9}  {ci:<22} {arrow}"
+                )
+            lines.append("")
+        if self.mcnemar is not None:
+            m = self.mcnemar
+            kind = "exact binomial" if m.exact else "chi-square, continuity corrected"
+            lines.append(
+                f"  McNemar ({kind}): A wrong/B right {m.b01}, A right/B wrong {m.b10}, "
+                f"p = {m.pvalue:.4g}"
+            )
+        s = self.sequential
+        if s is not None and s.n:
+            lines.append(
+                f"  Sequential test on {self.loss} (always valid): mean improvement "
+                f"{_f(s.mean, True)}, {1 - s.alpha:.0%} CS [{_f(s.lower, True)}, "
+                f"{_f(s.upper, True)}], p = {s.pvalue_always_valid:.4g}, n = {s.n}"
+            )
+        v = self.verdict
+        lines += ["", f"  Verdict: {v.label} (confidence {v.confidence:.3f})", f"  {v.reason}"]
+        return "\n".join(lines)
+
+
+def _model(name: str, version: str) -> str:
+    return f"{name or '?'} @ {version}" if version else (name or "?")
+
+
+def _f(x: float | None, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if math.isinf(x):
+        return "-inf" if x < 0 else "+inf"
+    return f"{x:+.4f}" if sign else f"{x:.4f}"
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dt.datetime):
+        return x.isoformat()
+    return x
+
+
+def _ts(x: Any) -> str | None:
+    if not isinstance(x, dt.datetime) or x.replace(tzinfo=None) <= dt.datetime(1970, 1, 1):
+        return None
+    return (x if x.tzinfo else x.replace(tzinfo=dt.UTC)).isoformat()
+
+
+def _one(client: Any, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    res = client.query(sql, parameters=params)
+    rows = res.result_rows
+    return dict(zip(res.column_names, rows[0], strict=True)) if rows else {}
+
+
+def build_report(
+    client: Any,
+    experiment: str,
+    *,
+    margin: float = 0.0,
+    alpha: float = 0.05,
+    min_pairs: int = 200,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    ci_method: str = "auto",
+    dag: str | None = None,
+) -> Report:
+    """Read one experiment from ClickHouse and judge B against A.
+
+    ``margin``: non-inferiority margin on the mean per-request loss (log loss, 0/1 loss or
+    squared error by task). ``ci_method``: scipy's bootstrap method for the metric
+    intervals, ``'auto'`` = BCa up to 5000 labelled pairs, percentile above (BCa's
+    jackknife costs O(n^2)). ``dag``: whose dead letters to count; by default the part of
+    the experiment name before the first '.' (experiments are named ``<dag>.<comparison>``).
+    """
+    params = {"experiment": experiment}
+    sql = [OVERVIEW_SQL]
+    ov = _one(client, OVERVIEW_SQL, params)
+    task = ov.get("task") or ""
+    dag_name = dag if dag is not None else experiment.split(".", 1)[0]
+    sql.append(DEAD_LETTERS_SQL)
+    dead = {
+        r[0]: int(r[1])
+        for r in client.query(DEAD_LETTERS_SQL, parameters={"dag": dag_name}).result_rows
+    }
+    counts = {k: int(ov.get(k) or 0) for k in ("paired", "missing_a", "missing_b", "labelled")}
+    counts["dead_letters"] = sum(dead.values())
+    metrics: dict[str, tuple[float, float, float, float, float]] = {}
+    mcn: McNemarResult | None = None
+    seq: SequentialResult | None = None
+    method = ""
+    if task in METRICS_SQL:
+        sql.append(METRICS_SQL[task])
+        values = _task_metrics(client, task, params)
+        sql.append(ROWS_SQL[task])
+        res = client.query(ROWS_SQL[task], parameters=params)
+        cols = (
+            dict(zip(res.column_names, res.result_columns, strict=True)) if res.result_rows else {}
+        )
+        y = np.asarray(cols.get("y", []), dtype=float)
+        sa = np.asarray(cols.get("sa", []), dtype=float)
+        sb = np.asarray(cols.get("sb", []), dtype=float)
+        pa = np.asarray(cols.get("pa", []), dtype=np.int64)
+        pb = np.asarray(cols.get("pb", []), dtype=np.int64)
+        n = len(y)
+        counts["scored"] = n
+        method = ci_method if ci_method != "auto" else ("BCa" if n <= 5000 else "percentile")
+        for name in REPORT_METRICS[task]:
+            a, b = values[f"{name}_a"], values[f"{name}_b"]
+            lo = hi = math.nan
+            if n >= 2:
+                kind = METRIC_FUNCTIONS[name][1]
+                xa, xb = (sa, sb) if kind == "score" else (pa, pb)
+                iv = paired_bootstrap_metric_diff(
+                    name,
+                    y,
+                    xa,
+                    xb,
+                    n_resamples=n_resamples,
+                    confidence=1 - alpha,
+                    seed=seed,
+                    method=method,
+                )
+                lo, hi = iv.low, iv.high
+            metrics[name] = (a, b, b - a, lo, hi)
+        if task != "regression":
+            mcn = mcnemar_from_counts(int(values["b01"]), int(values["b10"]))
+        loss_a = per_request_loss(task, y, sa, pa)
+        loss_b = per_request_loss(task, y, sb, pb)
+        # 0/1 loss differences can start with a run of zeros: one pseudo observation of the
+        # largest variance a {-1, 0, 1} difference can have keeps the early interval honest.
+        seq = sequential_test(
+            loss_a - loss_b, alpha, margin, prior_var=1.0 if task == "multiclass" else 0.0
+        )
+    verdict = (
+        decide(seq, mcn, margin=margin, alpha=alpha, min_pairs=min_pairs)
+        if seq is not None
+        else Verdict("not enough data", 0.0, "no labelled pairs with a known task yet")
+    )
+    return Report(
+        experiment=experiment,
+        task=task,
+        model_a=ov.get("model_a") or "",
+        model_b=ov.get("model_b") or "",
+        version_a=ov.get("version_a") or "",
+        version_b=ov.get("version_b") or "",
+        counts=counts,
+        metrics=metrics,
+        mcnemar=mcn,
+        sequential=seq,
+        verdict=verdict,
+        sql=sql,
+        margin=margin,
+        alpha=alpha,
+        loss=LOSS_NAMES.get(task, ""),
+        dead_letters=dead,
+        ci_method=method,
+        first_request_ts=_ts(ov.get("first_request_ts")) if counts["paired"] else None,
+        last_request_ts=_ts(ov.get("last_request_ts")) if counts["paired"] else None,
+    )
+
+
+def _task_metrics(client: Any, task: str, params: dict[str, Any]) -> dict[str, float]:
+    """``{metric_a: .., metric_b: .., b01: .., b10: ..}`` from the task's metric SQL."""
+    res = client.query(METRICS_SQL[task], parameters=params)
+    if task != "multiclass":
+        row = dict(zip(res.column_names, res.result_rows[0], strict=True))
+        return {k: _num(v) for k, v in row.items()}
+    out: dict[str, float] = {"b01": 0.0, "b10": 0.0}
+    for name in REPORT_METRICS[task]:
+        out[f"{name}_a"] = out[f"{name}_b"] = math.nan
+    for r in res.result_rows:
+        row = dict(zip(res.column_names, r, strict=True))
+        for name in REPORT_METRICS[task]:
+            out[f"{name}_{row['model']}"] = _num(row[name])
+        out["b01"], out["b10"] = _num(row["b01"]), _num(row["b10"])
+    return out
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def list_experiments(client: Any) -> list[str]:
+    """Names of the experiments that have rows in ``pairs``."""
+    return [r[0] for r in client.query(LIST_EXPERIMENTS_SQL).result_rows]
+
+
+def timeline(client: Any, experiment: str, bucket_seconds: int = 60) -> list[dict[str, Any]]:
+    """Cumulative metrics of A and B at the end of each ``bucket_seconds`` bucket.
+
+    One dict per bucket of ``request_ts``: ``ts`` (ISO, UTC), ``paired``, ``labelled`` and,
+    by task, ``accuracy_a/_b`` (+ ``log_loss_a/_b`` for binary) or ``mae_a/_b`` and
+    ``rmse_a/_b``; None while nothing is labelled. Computed from deduplicated pairs.
+    """
+    ov = _one(client, OVERVIEW_SQL, {"experiment": experiment})
+    task = ov.get("task") or ""
+    if task not in TIMELINE_SQL:
+        return []
+    res = client.query(
+        TIMELINE_SQL[task],
+        parameters={"experiment": experiment, "bucket_seconds": int(bucket_seconds)},
+    )
+    out = []
+    for r in res.result_rows:
+        row = dict(zip(res.column_names, r, strict=True))
+        row["ts"] = _ts(row.pop("bucket")) or ""
+        out.append(_json_safe(row))
+    return out

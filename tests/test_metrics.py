@@ -1,0 +1,213 @@
+"""PairMetrics (river) against scikit-learn, and per-partition merging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from comparators.metrics import (
+    LogHistogram,
+    PairMetrics,
+    merge_sufficient,
+    metrics_from_sufficient,
+)
+
+REL = 1e-9
+
+
+def _binary(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    na = rng.normal(size=n)
+    nb = 0.6 * na + 0.8 * rng.normal(size=n)
+    sa = 1 / (1 + np.exp(-(1.0 * y + na - 0.5)))
+    sb = 1 / (1 + np.exp(-(1.6 * y + nb - 0.8)))
+    pa, pb = (sa >= 0.5).astype(int), (sb >= 0.5).astype(int)
+    la, lb = rng.gamma(2, 5, n), rng.gamma(2, 8, n)
+    return y, sa, pa, sb, pb, la, lb
+
+
+def _feed(pm, y, sa, pa, sb, pb, la=None, lb=None, idx=None):
+    idx = range(len(y)) if idx is None else idx
+    for i in idx:
+        pm.update(
+            float(sa[i]),
+            int(pa[i]) if pa is not None else None,
+            float(sb[i]),
+            int(pb[i]) if pb is not None else None,
+            float(y[i]),
+            None if la is None else float(la[i]),
+            None if lb is None else float(lb[i]),
+        )
+
+
+def test_binary_matches_sklearn():
+    y, sa, pa, sb, pb, la, lb = _binary()
+    pm = PairMetrics("binary")
+    _feed(pm, y, sa, pa, sb, pb, la, lb)
+    snap = pm.snapshot()
+    for m, s, p in (("a", sa, pa), ("b", sb, pb)):
+        v = snap[m]
+        assert v["accuracy"] == pytest.approx(skm.accuracy_score(y, p), rel=REL)
+        assert v["precision"] == pytest.approx(skm.precision_score(y, p), rel=REL)
+        assert v["recall"] == pytest.approx(skm.recall_score(y, p), rel=REL)
+        assert v["f1"] == pytest.approx(skm.f1_score(y, p), rel=REL)
+        assert v["log_loss"] == pytest.approx(skm.log_loss(y, s), rel=REL)
+        assert v["mean_loss"] == pytest.approx(skm.log_loss(y, s), rel=REL)
+        exact_auc = skm.roc_auc_score(y, s)
+        # documented tolerance: within the histogram's computed bound
+        assert abs(v["roc_auc"] - exact_auc) <= v["roc_auc_err_bound"] + 1e-12
+        assert v["roc_auc_err_bound"] < 1e-3
+        assert v["pr_auc"] == pytest.approx(skm.average_precision_score(y, s), abs=5e-3)
+        assert v["n"] == len(y)
+    pair = snap["pair"]
+    assert pair["agreement"] == pytest.approx(np.mean(pa == pb), rel=REL)
+    assert pair["flip_rate"] == pytest.approx(np.mean(pa != pb), rel=REL)
+    assert pair["mean_abs_score_diff"] == pytest.approx(np.mean(np.abs(sa - sb)), rel=REL)
+    assert pair["b01"] == np.sum((pa != y) & (pb == y))
+    assert pair["b10"] == np.sum((pa == y) & (pb != y))
+    assert snap["b"]["roc_auc"] > snap["a"]["roc_auc"]
+    for m, lat in (("a", la), ("b", lb)):
+        for q in (0.5, 0.95):
+            ref = np.quantile(lat, q, method="lower")
+            assert snap[m][f"latency_p{round(q * 100)}_ms"] == pytest.approx(ref, rel=0.011)
+
+
+def test_shared_confusion_matrix_counts_each_event_once():
+    y, sa, pa, sb, pb, *_ = _binary(500)
+    pm = PairMetrics("binary")
+    _feed(pm, y, sa, pa, sb, pb)
+    cm = pm._side["a"]["cm"]
+    assert cm.total_weight == 500  # five metrics read it; it was updated once per event
+    assert pm.snapshot()["a"]["accuracy"] == pytest.approx(skm.accuracy_score(y, pa), rel=REL)
+
+
+def test_river_rocauc_opt_in_is_an_approximation():
+    y, sa, pa, sb, pb, *_ = _binary(1000)
+    pm = PairMetrics("binary", ["accuracy", "roc_auc", "roc_auc_river"])
+    _feed(pm, y, sa, pa, sb, pb)
+    snap = pm.snapshot()
+    exact = skm.roc_auc_score(y, sa)
+    assert snap["a"]["roc_auc_river"] == pytest.approx(exact, abs=0.02)
+    assert abs(snap["a"]["roc_auc"] - exact) <= snap["a"]["roc_auc_err_bound"]
+    assert set(snap["a"]) >= {"accuracy", "roc_auc", "roc_auc_river"}
+    assert "precision" not in snap["a"]
+
+
+def test_multiclass_matches_sklearn():
+    rng = np.random.default_rng(1)
+    n, k = 2000, 4
+    y = rng.integers(0, k, n)
+    pa = np.where(rng.random(n) < 0.6, y, rng.integers(0, k, n))
+    pb = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+    pb[:5] = 7  # a class B predicts that never occurs in y: counts for B's macro F1 only
+    sa, sb = rng.random(n), rng.random(n)
+    pm = PairMetrics("multiclass")
+    _feed(pm, y, sa, pa, sb, pb)
+    snap = pm.snapshot()
+    for m, p in (("a", pa), ("b", pb)):
+        assert snap[m]["accuracy"] == pytest.approx(skm.accuracy_score(y, p), rel=REL)
+        assert snap[m]["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"), rel=REL)
+        assert snap[m]["micro_f1"] == pytest.approx(skm.f1_score(y, p, average="micro"), rel=REL)
+        assert snap[m]["mean_loss"] == pytest.approx(1 - skm.accuracy_score(y, p), rel=REL)
+    assert snap["pair"]["agreement"] == pytest.approx(np.mean(pa == pb), rel=REL)
+
+
+def test_regression_matches_sklearn():
+    rng = np.random.default_rng(2)
+    n = 2000
+    y = rng.normal(10, 3, n)
+    sa = y + rng.normal(0, 1.5, n)
+    sb = y + rng.normal(0.1, 1.0, n)
+    pm = PairMetrics("regression")
+    _feed(pm, y, sa, None, sb, None)
+    snap = pm.snapshot()
+    for m, s in (("a", sa), ("b", sb)):
+        assert snap[m]["mae"] == pytest.approx(skm.mean_absolute_error(y, s), rel=REL)
+        assert snap[m]["rmse"] == pytest.approx(skm.root_mean_squared_error(y, s), rel=REL)
+        assert snap[m]["r2"] == pytest.approx(skm.r2_score(y, s), rel=REL)
+    assert "agreement" not in snap["pair"]
+    assert snap["pair"]["mean_loss_diff"] == pytest.approx(
+        np.mean((sa - y) ** 2 - (sb - y) ** 2), rel=REL
+    )
+
+
+def test_unlabelled_updates_only_touch_label_free_stats():
+    pm = PairMetrics("binary")
+    pm.update(0.9, 1, 0.2, 0, None, 3.0, 4.0)
+    pm.update(0.8, 1, 0.7, 1, None)
+    snap = pm.snapshot()
+    assert snap["pair"]["n_pairs"] == 2 and snap["pair"]["n_labelled"] == 0
+    assert snap["pair"]["agreement"] == 0.5
+    assert math.isnan(snap["a"]["accuracy"]) and math.isnan(snap["a"]["roc_auc"])
+    assert snap["a"]["latency_p50_ms"] == pytest.approx(3.0, rel=0.011)
+
+
+def test_binary_pred_defaults_to_threshold():
+    pm = PairMetrics("binary", ["accuracy"])
+    pm.update(0.9, None, 0.3, None, 1)
+    assert pm.snapshot()["a"]["accuracy"] == 1.0 and pm.snapshot()["b"]["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_merge_of_partitions_equals_single_pass(task):
+    rng = np.random.default_rng(3)
+    if task == "binary":
+        y, sa, pa, sb, pb, la, lb = _binary(2000, seed=3)
+    else:
+        n = 2000
+        la, lb = rng.gamma(2, 5, n), rng.gamma(2, 8, n)
+        if task == "multiclass":
+            y = rng.integers(0, 3, n)
+            pa = np.where(rng.random(n) < 0.6, y, rng.integers(0, 3, n))
+            pb = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
+            sa, sb = rng.random(n), rng.random(n)
+        else:
+            y = rng.normal(5, 2, n)
+            sa, sb = y + rng.normal(0, 1, n), y + rng.normal(0, 0.8, n)
+            pa = pb = None
+    single = PairMetrics(task)
+    _feed(single, y, sa, pa, sb, pb, la, lb)
+    part = rng.integers(0, 4, len(y))
+    parts = []
+    for k in range(4):
+        pm = PairMetrics(task)
+        _feed(pm, y, sa, pa, sb, pb, la, lb, idx=np.flatnonzero(part == k))
+        # sufficient statistics travel as JSON between workers
+        parts.append(json.loads(json.dumps(pm.sufficient_stats())))
+    merged = metrics_from_sufficient(merge_sufficient(parts))
+    direct = single.snapshot()
+    from_single = metrics_from_sufficient(single.sufficient_stats())
+    for side in ("a", "b", "pair"):
+        assert set(merged[side]) == set(direct[side]) - {"roc_auc_river"}
+        for k, v in direct[side].items():
+            if task == "regression" and k == "r2" and side != "pair":
+                assert merged[side][k] == pytest.approx(v, rel=1e-9)
+            elif k.startswith("latency") or k in ("roc_auc", "pr_auc", "roc_auc_err_bound"):
+                assert merged[side][k] == from_single[side][k]  # same bins, same counts
+                assert merged[side][k] == v
+            else:
+                assert merged[side][k] == pytest.approx(v, rel=1e-12), (side, k)
+
+
+def test_log_histogram_merge_and_edges():
+    h = LogHistogram()
+    assert math.isnan(h.quantile(0.5))
+    for x in (0.0, 0.0, 1.0, 10.0):
+        h.update(x)
+    assert h.quantile(0.0) == 0.0
+    assert h.quantile(1.0) == pytest.approx(10.0, rel=0.011)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        PairMetrics("ranking")
+    with pytest.raises(ValueError):
+        PairMetrics("regression", ["accuracy"])
+    a, b = PairMetrics("binary").sufficient_stats(), PairMetrics("regression").sufficient_stats()
+    with pytest.raises(ValueError):
+        merge_sufficient([a, b])
