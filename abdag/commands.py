@@ -131,3 +131,30 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(
         settings, requests=args.requests, workers=args.workers, keep_running=args.keep_running
     )
+
+
+@command("report")
+def report(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from abdag.cli import UserError
+    from abdag.clickhouse import connect
+    from comparators.report import build_report, list_experiments
+
+    client = connect(settings, readonly=True)
+    known = list_experiments(client)
+    if args.experiment not in known:
+        raise UserError(
+            f"no experiment {args.experiment!r} in ClickHouse; known: {known or 'none yet'}"
+        )
+    kwargs = {"margin": args.margin} if args.margin is not None else {}
+    result = build_report(client, args.experiment, **kwargs)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.render())
+    if args.show_sql:
+        print("\n-- the SQL behind this report")
+        for statement in result.sql:
+            print(statement.strip() + ";\n")
+    return 0

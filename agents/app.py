@@ -361,7 +361,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                     emitted.label,
                     a.get("latency_ms"),
                     b.get("latency_ms"),
-                ) if emitted.newly_labelled or emitted.label is None else None
+                    count_pair=emitted.newly_paired,
+                )
                 since_snapshot[partition] += 1
                 if since_snapshot[partition] >= node.snapshot_every:
                     await snapshot(partition, now)

@@ -6,8 +6,10 @@ moves with the partition on a rebalance); in tests it can be a dict.
 
 Each request's entry remembers what has been emitted (``stage``: 1 unpaired, 2 paired
 without label, 3 paired with label). A re-delivered event (after a rebalance or a crash)
-finds its side already present and emits nothing, so nothing counts twice; a later stage
-supersedes an earlier one downstream (ClickHouse keeps the highest stage per request).
+finds its side already present: the join emits the same row again (``replay=True``) in case
+the first emission was lost in the crash, and metrics ignore replays, so nothing counts
+twice. A later stage supersedes an earlier one downstream (ClickHouse keeps the highest
+stage per request).
 
 >>> join = PairJoin(join_timeout=10, label_timeout=60, store={})
 >>> join.offer_prediction("a", "r1", {"score": 0.9}, now=0.0) is None
@@ -17,14 +19,14 @@ True
 (2, 'paired', None)
 >>> join.offer_label("r1", 1.0, label_ts=5.0, now=5.0).stage
 3
->>> join.offer_prediction("a", "r1", {"score": 0.9}, now=6.0) is None  # re-delivered
+>>> join.offer_prediction("a", "r1", {"score": 0.9}, now=6.0).replay  # re-delivered
 True
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 UNPAIRED, PAIRED, LABELLED = 1, 2, 3
@@ -44,6 +46,7 @@ class Emitted:
     first_ts: float
     newly_labelled: bool
     newly_paired: bool
+    replay: bool = False
 
 
 class PairJoin:
@@ -75,7 +78,7 @@ class PairJoin:
             raise ValueError(f"side must be 'a' or 'b', got {side!r}")
         entry = self.store.get(request_id) or {"first": now, "stage": 0}
         if entry.get(side) is not None:
-            return None  # re-delivered
+            return self._replay(request_id, entry)
         entry[side] = prediction
         entry.setdefault("first", now)
         entry["touched"] = now
@@ -90,8 +93,8 @@ class PairJoin:
         self, request_id: str, label: float, label_ts: float, now: float
     ) -> Emitted | None:
         entry = self.store.get(request_id) or {"first": now, "stage": 0}
-        if entry.get("label") is not None:
-            return None  # re-delivered, or a second label for the same request: first wins
+        if entry.get("label") is not None:  # re-delivered, or a second label: the first wins
+            return self._replay(request_id, entry)
         entry["label"] = label
         entry["label_ts"] = label_ts
         entry["touched"] = now
@@ -122,6 +125,15 @@ class PairJoin:
             newly_labelled=stage == LABELLED,
             newly_paired=stage >= PAIRED and previous < PAIRED,
         )
+
+    def _replay(self, request_id: str, entry: dict[str, Any]) -> Emitted | None:
+        """The row already emitted for this request, again (idempotent downstream)."""
+        stage = entry.get("stage", 0)
+        if stage == 0:
+            return None
+        entry = dict(entry, stage=stage - 1)
+        emitted = self._emit(request_id, entry, stage)
+        return replace(emitted, newly_labelled=False, newly_paired=False, replay=True)
 
     def due(self, now: float) -> Iterator[str]:
         """Request ids whose entry needs attention at ``now`` (see :meth:`expire`)."""

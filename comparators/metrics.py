@@ -317,25 +317,32 @@ class PairMetrics:
         label: float | None = None,
         latency_a_ms: float | None = None,
         latency_b_ms: float | None = None,
+        *,
+        count_pair: bool = True,
     ) -> None:
-        """Add one paired request; ``label=None`` updates only label-free statistics."""
+        """Add one paired request; ``label=None`` updates only label-free statistics.
+
+        A label that arrives after its pair was already counted is added with
+        ``count_pair=False``, so the label-free statistics see each request once.
+        """
         task = self.task
         if task == "binary":  # a missing class falls back on the 0.5 threshold
             if pred_a is None and score_a is not None:
                 pred_a = int(score_a >= 0.5)
             if pred_b is None and score_b is not None:
                 pred_b = int(score_b >= 0.5)
-        self.n_pairs += 1
-        if task != "regression" and pred_a is not None and pred_b is not None:
-            self.n_agree += pred_a == pred_b
-        if score_a is not None and score_b is not None:
-            self.n_score_pairs += 1
-            self.sum_abs_score_diff += abs(score_a - score_b)
         sa, sb = self._side["a"], self._side["b"]
-        if latency_a_ms is not None:
-            sa["latency"].update(latency_a_ms)
-        if latency_b_ms is not None:
-            sb["latency"].update(latency_b_ms)
+        if count_pair:
+            self.n_pairs += 1
+            if task != "regression" and pred_a is not None and pred_b is not None:
+                self.n_agree += pred_a == pred_b
+            if score_a is not None and score_b is not None:
+                self.n_score_pairs += 1
+                self.sum_abs_score_diff += abs(score_a - score_b)
+            if latency_a_ms is not None:
+                sa["latency"].update(latency_a_ms)
+            if latency_b_ms is not None:
+                sb["latency"].update(latency_b_ms)
         if label is None:
             return
         if task == "regression":

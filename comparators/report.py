@@ -538,7 +538,12 @@ def _num(v: Any) -> float:
 
 
 def list_experiments(client: Any) -> list[str]:
-    """Names of the experiments that have rows in ``pairs``."""
+    """Names of the experiments that have rows in ``pairs`` (none before the first write)."""
+    exists = client.query(
+        "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'pairs'"
+    ).result_rows[0][0]
+    if not exists:
+        return []
     return [r[0] for r in client.query(LIST_EXPERIMENTS_SQL).result_rows]
 
 

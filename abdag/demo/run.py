@@ -57,6 +57,18 @@ def start_workers(settings: Settings, count: int, env: dict[str, str]) -> list[M
     return procs
 
 
+def label_messages(events: list[dict], labels, seed: int, share: float) -> list[dict]:
+    """The chargebacks the demo sends: a ``share`` of requests get their label, shuffled."""
+    rng = random.Random(seed)
+    msgs = [
+        {"request_id": e["request_id"], "label": int(y)}
+        for e, y in zip(events, labels, strict=True)
+        if rng.random() < share
+    ]
+    rng.shuffle(msgs)
+    return msgs
+
+
 def send_traffic(settings: Settings, requests: int, seed: int, label_share: float) -> int:
     """Produce requests, then their labels later and shuffled; return labels sent."""
     from abdag.demo.fraud import generate
@@ -65,13 +77,7 @@ def send_traffic(settings: Settings, requests: int, seed: int, label_share: floa
 
     events, labels = generate(requests, seed)
     produce(settings.broker, input_topic("fraud", "transactions"), events, total=requests)
-    rng = random.Random(seed)
-    labelled = [
-        {"request_id": e["request_id"], "label": int(y)}
-        for e, y in zip(events, labels, strict=True)
-        if rng.random() < label_share
-    ]
-    rng.shuffle(labelled)
+    labelled = label_messages(events, labels, seed, label_share)
     print(f"chargebacks arrive later: {len(labelled)} labels for {requests} requests", flush=True)
     produce(settings.broker, input_topic("fraud", "chargebacks"), labelled, total=len(labelled))
     return len(labelled)
@@ -113,11 +119,10 @@ def run_demo(
     label_share: float = 0.97,
     timeout: float = 600.0,
 ) -> int:
-    from comparators.report import build_report
-
     from abdag.demo.fraud import train_models
     from agents.loader import load_dag
     from agents.topology import dag_topics
+    from comparators.report import build_report
     from topics.admin import ensure_topics
 
     stack = LocalStack(settings)
