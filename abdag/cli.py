@@ -73,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--margin", type=float, default=None, help="non-inferiority margin")
     r.add_argument("--show-sql", action="store_true", help="print the SQL behind the report")
 
+    i = sub.add_parser("init", help="write a runnable A/B DAG for two model files, and check it")
+    i.add_argument("name")
+    i.add_argument("--a", required=True, help="model A: a file or a registry ref name@vN")
+    i.add_argument("--b", required=True, help="model B: a file or a registry ref name@vN")
+    ex = i.add_mutually_exclusive_group(required=True)
+    ex.add_argument("--example", help="an example event (JSON file)")
+    ex.add_argument("--schema", help="a JSON schema of the event")
+    i.add_argument("--task", choices=["binary", "multiclass", "regression"])
+    i.add_argument("--out", help="output folder (default: ./NAME)")
+    i.add_argument("--model-class-a", help="package.module:Class for a state_dict A")
+    i.add_argument("--model-class-b", help="package.module:Class for a state_dict B")
+    i.add_argument("--force", action="store_true", help="overwrite an existing DAG file")
+    i.add_argument("--no-check", action="store_true", help="skip the 100-event smoke run")
+
+    m = sub.add_parser("models", help="the local model registry")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    reg = msub.add_parser("register", help="copy a model file in as a new version")
+    reg.add_argument("name")
+    reg.add_argument("file")
+    reg.add_argument("--task", choices=["binary", "multiclass", "regression"])
+    reg.add_argument("--model-class", help="package.module:Class for a state_dict")
+    msub.add_parser("list", help="every registered version")
+
+    db = sub.add_parser("dashboard", help="serve the A/B dashboard in a browser")
+    db.add_argument("--host", default="127.0.0.1")
+    db.add_argument("--port", type=int, default=8050)
+
     d = sub.add_parser("demo", help="the whole story on the embedded stack")
     d.add_argument("--requests", type=int, default=20_000)
     d.add_argument("--workers", type=int, default=1)
@@ -112,12 +139,10 @@ def _is_user_error(exc: Exception) -> bool:
         BrokerUnreachable,
         ValueError,
     )
-    try:
-        from agents.errors import DagError
+    from agents.errors import DagError
+    from models.errors import ModelError
 
-        known += (DagError,)
-    except ImportError:
-        pass
+    known += (DagError, ModelError)
     return isinstance(exc, known)
 
 
@@ -125,5 +150,7 @@ def _load_commands() -> None:
     from abdag import commands  # noqa: F401 - registers the handlers
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m abdag.cli`: run the imported module's main, so
+    from abdag.cli import main as _main  # commands register in one registry
+
+    sys.exit(_main())

@@ -158,3 +158,71 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
         for statement in result.sql:
             print(statement.strip() + ";\n")
     return 0
+
+
+@command("dashboard")
+def dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.dashboard import serve
+
+    serve(settings, host=args.host, port=args.port)
+    return 0
+
+
+def _registry(settings: Settings):
+    from pathlib import Path
+
+    from models.registry import ModelRegistry
+
+    return ModelRegistry(Path(settings.data_dir) / "registry")
+
+
+def _model_file(ref: str, settings: Settings):
+    """A model file path, or a registry reference (name, name@v2) resolved to its file."""
+    from pathlib import Path
+
+    return Path(ref) if Path(ref).is_file() else _registry(settings).resolve(ref)
+
+
+@command("init")
+def init(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    from pathlib import Path
+
+    from agents.generate import init_experiment, smoke_run
+
+    source = Path(args.example or args.schema)
+    try:
+        doc = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{source}: cannot read JSON: {exc}") from None
+    result = init_experiment(
+        args.name,
+        _model_file(args.a, settings),
+        _model_file(args.b, settings),
+        example=doc if args.example else None,
+        schema=doc if args.schema else None,
+        task=args.task,
+        out_dir=Path(args.out or args.name),
+        model_class_a=args.model_class_a,
+        model_class_b=args.model_class_b,
+        force=args.force,
+    )
+    print(result.render())
+    if not args.no_check:
+        print("\nchecking it on 100 synthetic events against the local stack ...", flush=True)
+        counts = smoke_run(result.dag_file, settings)
+        print(f"ok: {counts['paired']} of {counts['sent']} requests compared")
+        print(f"see: abdag report {result.experiment}")
+    return 0
+
+
+@command("models")
+def models_command(args: argparse.Namespace, settings: Settings) -> int:
+    registry = _registry(settings)
+    if args.models_command == "register":
+        v = registry.register(args.name, args.file, task=args.task, model_class=args.model_class)
+        print(f"{v.ref}  {v.format}  sha256 {v.sha256[:12]}  {v.path}")
+        return 0
+    for v in registry.all():
+        print(f"{v.ref:<30} {v.format:<12} {v.sha256[:12]}  {v.created}  {v.task or ''}")
+    return 0

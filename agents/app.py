@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
@@ -89,30 +90,54 @@ class DagRuntime:
 
     # -- dead letters ---------------------------------------------------------------------
     async def dead(self, node: str, err: BadRecord, event: Any) -> None:
+        """Dead-letter one consumed event with the reason; count it; never raise."""
         msg = event.message
+        original = event.value if isinstance(event.value, bytes) else b""
+        await self.dead_letter(node, err, original, msg.topic, msg.partition, msg.offset)
+
+    async def dead_letter(
+        self,
+        node: str,
+        err: BadRecord,
+        original: bytes,
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+    ) -> None:
         letter = DeadLetter(
             dag=self.dag.name,
             node=node,
             reason=err.reason,
             detail=err.detail[:2000],
             request_id=err.request_id,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            original=event.value if isinstance(event.value, bytes) else b"",
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            original=original,
             ts=time.time(),
         )
-        self.dead_counts[(node, err.reason)] += 1
-        if self.dead_counts[(node, err.reason)] in (1, 10, 100, 1000, 10000):
+        count = self.dead_counts[(node, err.reason)] = self.dead_counts[(node, err.reason)] + 1
+        if count in (1, 10, 100, 1000, 10000):
             log.warning(
                 "node %s: %s (%s); %d so far, see topic %s",
                 node,
                 err.reason,
                 err.detail[:200],
-                self.dead_counts[(node, err.reason)],
+                count,
                 self.dead_topic.get_topic_name(),
             )
         await self.dead_topic.send(key=(err.request_id or "").encode(), value=encode(letter))
+
+    async def write_rows(
+        self, node: str, sink: ClickHouseSink, rows: list, originals: list
+    ) -> None:
+        """Insert rows; dead-letter the ones ClickHouse refuses (with its reason)."""
+        rejected = await self.in_thread(sink.write, rows)
+        index = {id(r): i for i, r in enumerate(rows)}
+        for row, reason in rejected:
+            i = index.get(id(row))
+            err = BadRecord("sink refused", f"{sink.table}: {reason}")
+            await self.dead_letter(node, err, originals[i] if i is not None else b"")
 
     def sink(self, table: str, columns: list[str]) -> ClickHouseSink:
         from comparators.schema import ensure_schema
@@ -123,6 +148,42 @@ class DagRuntime:
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class JsonTable(MutableMapping):
+    """A Faust table of raw bytes seen as ``str -> dict``.
+
+    Raw bytes keep the changelog readable by any client and recovery free of Faust's model
+    registry (a ``dict`` value type breaks recovery: Faust looks for ``dict.from_data``).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> dict:
+        raw = self.table.get(key.encode())
+        if raw is None:
+            raise KeyError(key)
+        return orjson.loads(raw)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self.table.get(key.encode())
+        return default if raw is None else orjson.loads(raw)
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        self.table[key.encode()] = orjson.dumps(value)
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode()]
+
+    def __iter__(self):
+        return (k.decode() for k in list(self.table.keys()))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def items(self):
+        return [(k.decode(), orjson.loads(v)) for k, v in list(self.table.items())]
 
 
 class _Stopper(faust.Service):
@@ -308,12 +369,12 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     table = rt.app.Table(
         f"{node.name}-join",
         partitions=rt.dag.partitions,
-        key_type=str,
-        value_type=dict,
-        key_serializer="json",
-        value_serializer="json",
+        key_type=bytes,
+        value_type=bytes,
     )
-    join = PairJoin(join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=table)
+    join = PairJoin(
+        join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=JsonTable(table)
+    )
     metrics: dict[int, PairMetrics] = {}
     since_snapshot: Counter[int] = Counter()
     last_snapshot: dict[int, float] = {}
@@ -399,13 +460,17 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     async def write_pairs(stream):
         async for values in stream.take(5000, within=0.5):
             rows = [to_insert_values(orjson.loads(v)) for v in values]
-            await rt.in_thread(pair_sink.write, rows)
+            await rt.write_rows(node.name, pair_sink, rows, values)
 
     @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
     async def write_snapshots(stream):
         async for values in stream.take(1000, within=1.0):
-            rows = [r for v in values for r in orjson.loads(v)]
-            await rt.in_thread(snap_sink.write, [[r[c] for c in SNAPSHOT_COLUMNS] for r in rows])
+            rows, originals = [], []
+            for v in values:
+                for r in orjson.loads(v):
+                    rows.append([r[c] for c in SNAPSHOT_COLUMNS])
+                    originals.append(v)
+            await rt.write_rows(node.name, snap_sink, rows, originals)
 
 
 def _dead_letter_sink(rt: DagRuntime) -> None:
@@ -422,7 +487,8 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
                     log.error("unreadable dead letter skipped: %s", exc)
                     continue
                 rows.append([d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1])
-            await rt.in_thread(sink.write, rows)
+            for row, reason in await rt.in_thread(sink.write, rows):
+                log.error("ClickHouse refused a dead-letter row (%s): %s", reason, row)
 
 
 def _dt(ts: float):

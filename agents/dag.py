@@ -93,6 +93,23 @@ class Comparison(Node):
     snapshot_interval: float = 5.0
 
 
+def _reading_copies(build: Callable[[Event], Any], copies: dict[str, str]):
+    """Wrap an input builder so ``event.outputs[<original>]`` reads the B-branch copy.
+
+    The user's function was written for A's branch (``event.outputs["embed"]``); on B's
+    branch the same function must see ``embed_v2``'s output under that name.
+    """
+
+    def build_on_copy(event: Event) -> Any:
+        outputs = dict(event.outputs)
+        for original, copy in copies.items():
+            if copy != original and copy in outputs:
+                outputs[original] = outputs[copy]
+        return build(Event(event.request_id, event.ts, event.payload, outputs))
+
+    return build_on_copy
+
+
 class Dag:
     """A named graph of nodes; topics are named ``abdag.<dag>.<node>``."""
 
@@ -240,6 +257,7 @@ class Dag:
             clone.inputs = new_inputs
             if isinstance(clone, ModelNode):
                 clone.replaces = name
+                clone.build_input = _reading_copies(original.build_input, copies)
             self._add(clone)
             copies[name] = clone.name
             return clone.name

@@ -11,5 +11,6 @@ class DagError(ValueError):
             p for p in (f"file {file}" if file else "", f"node {node!r}" if node else "") if p
         )
         super().__init__(f"{where}: {message}" if where else message)
+        self.message = message
         self.node = node
         self.file = file

@@ -25,7 +25,7 @@ def load_dag(path: str | Path) -> Dag:
         namespace = runpy.run_path(str(file), run_name="abdag_dag")
     except DagError as exc:
         if exc.file is None:
-            raise DagError(str(exc), file=str(path)) from None
+            raise DagError(exc.message, node=exc.node, file=str(path)) from None
         raise
     except SyntaxError as exc:
         raise DagError(f"syntax error on line {exc.lineno}: {exc.msg}", file=str(path)) from None

@@ -425,7 +425,7 @@ def build_report(
 
     ``margin``: non-inferiority margin on the mean per-request loss (log loss, 0/1 loss or
     squared error by task). ``ci_method``: scipy's bootstrap method for the metric
-    intervals, ``'auto'`` = BCa up to 5000 labelled pairs, percentile above (BCa's
+    intervals, ``'auto'`` = BCa up to 1000 labelled pairs, percentile above (BCa's
     jackknife costs O(n^2)). ``dag``: whose dead letters to count; by default the part of
     the experiment name before the first '.' (experiments are named ``<dag>.<comparison>``).
     """
@@ -460,7 +460,7 @@ def build_report(
         pb = np.asarray(cols.get("pb", []), dtype=np.int64)
         n = len(y)
         counts["scored"] = n
-        method = ci_method if ci_method != "auto" else ("BCa" if n <= 5000 else "percentile")
+        method = ci_method if ci_method != "auto" else ("BCa" if n <= 1000 else "percentile")
         for name in REPORT_METRICS[task]:
             a, b = values[f"{name}_a"], values[f"{name}_b"]
             lo = hi = math.nan

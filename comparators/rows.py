@@ -6,6 +6,7 @@ tables), so the column order is written once.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,8 +96,8 @@ def snapshot_rows(
     n = int(snap.get("pair", {}).get("n", 0))
     for model, values in snap.items():
         for metric, value in values.items():
-            if value is None:
-                continue
+            if value is None or not math.isfinite(value):
+                continue  # e.g. AUC before both classes were seen
             rows.append(
                 {
                     "experiment": experiment,

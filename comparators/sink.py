@@ -27,8 +27,8 @@ class ClickHouseSink:
     ...     def insert(self, table, rows, column_names):
     ...         calls.append((table, len(rows)))
     >>> sink = ClickHouseSink(lambda: FakeClient(), "pairs", ["x"], on_connect=None)
-    >>> sink.write([[1], [2]])
-    2
+    >>> sink.write([[1], [2]])  # nothing refused
+    []
     >>> calls
     [('pairs', 2)]
     """
@@ -61,24 +61,34 @@ class ClickHouseSink:
             self._client = client
         return self._client
 
-    def write(self, rows: Sequence[Sequence[Any]]) -> int:
-        """Insert ``rows``; blocks, retrying, until acknowledged (or ``stop`` is set)."""
+    def write(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Sequence[Any], str]]:
+        """Insert ``rows``; block, retrying, until ClickHouse acknowledged them.
+
+        Returns the rows ClickHouse itself refused (bad values), each with the server's
+        reason, so the caller can dead-letter them: an outage is waited out, a poison row is
+        set aside instead of blocking the stream for ever.
+        """
         if not rows:
-            return 0
+            return []
         delay = 0.2
+        refusals = 0
         while True:
             try:
                 self._client_or_connect().insert(self.table, rows, column_names=self.columns)
             except Exception as exc:  # noqa: BLE001 - network, server and protocol errors
                 self.failures += 1
                 self._client = None
-                if self.stop.is_set():
+                if _is_refusal(exc):
+                    refusals += 1
+                    if refusals >= 2:  # the same batch refused twice: find the bad rows
+                        return self._write_one_by_one(rows)
+                elif self.stop.is_set():
                     raise
                 log.warning(
                     "ClickHouse insert of %d rows into %s failed (%s); retrying in %.1f s",
                     len(rows),
                     self.table,
-                    str(exc).splitlines()[0][:200],
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc),
                     delay,
                 )
                 if self.stop.wait(delay):
@@ -86,7 +96,32 @@ class ClickHouseSink:
                 delay = min(delay * 2, self.max_backoff)
                 continue
             self.rows_written += len(rows)
-            return len(rows)
+            return []
+
+    def _write_one_by_one(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Sequence[Any], str]]:
+        rejected = []
+        for row in rows:
+            try:
+                self._client_or_connect().insert(self.table, [row], column_names=self.columns)
+                self.rows_written += 1
+            except Exception as exc:  # noqa: BLE001
+                if not _is_refusal(exc):
+                    self._client = None
+                    self.write([row])  # an outage after all: wait it out
+                    continue
+                rejected.append((row, str(exc).strip().splitlines()[0][:500]))
+        if rejected:
+            log.error("ClickHouse refused %d rows of %s", len(rejected), self.table)
+        return rejected
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """True when the server answered with an error about the data (not an outage)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    if isinstance(exc, OperationalError):
+        return False
+    return isinstance(exc, DatabaseError | TypeError | ValueError)
 
 
 def wait_for_clickhouse(connect: Callable[[], Any], *, timeout: float) -> Any:

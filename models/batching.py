@@ -206,7 +206,7 @@ class BatchRunner:
                 raise ValueError(f"output shape {tuple(out.shape)} does not match batch of {n}")
             rows = out.detach().reshape(n, -1).to(torch.float64)
         except Exception as exc:
-            reason = f"model error: {type(exc).__name__}: {exc}"
+            reason = f"model error: {type(exc).__name__}: {_last_line(exc)}"
             return [ItemResult.fail(reason) for _ in range(n)]
         return self._postprocess(rows)
 
@@ -269,3 +269,9 @@ def _mismatch_reason(want: Signature, got: Signature) -> str:
 
 def _non_finite_output(is_nan: bool) -> str:
     return "model produced NaN" if is_nan else "model produced inf"
+
+
+def _last_line(exc: BaseException) -> str:
+    """TorchScript errors carry the interpreter's whole traceback; the cause is last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""

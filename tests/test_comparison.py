@@ -162,9 +162,13 @@ def test_live_river_snapshots_are_written_per_partition(clean_run, stack):
 
 
 def _same_metrics(report, reference):
+    """Counts and count-based metrics exactly; score-based ones to float32 precision, since
+    a model's float32 output can differ in the last bits with the batch it ran in."""
     assert report.counts == reference.counts
     for name, values in reference.metrics.items():
-        assert report.metrics[name][:3] == pytest.approx(values[:3], rel=1e-12), name
+        exact = name in ("accuracy", "precision", "recall", "f1")
+        tol = {"rel": 1e-12} if exact else {"rel": 1e-6, "abs": 1e-9}
+        assert report.metrics[name][:3] == pytest.approx(values[:3], **tol), name
 
 
 def test_two_workers_give_the_same_metrics_as_one(

@@ -14,7 +14,7 @@ the report.
 >>> sorted(BUCKETS_SQL)
 ['binary', 'multiclass', 'regression']
 >>> pick_bucket(0), pick_bucket(600), pick_bucket(86_400)
-(5, 5, 900)
+(5, 10, 900)
 """
 
 from __future__ import annotations

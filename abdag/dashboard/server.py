@@ -16,12 +16,19 @@ an unknown experiment or path, 503 when ClickHouse does not answer, 500 otherwis
 The server binds 127.0.0.1 unless told otherwise: it serves experiment data without
 authentication. It only reads (``readonly=1`` on every query). clickhouse-connect's sync
 client must not run two queries at once, so request threads borrow clients from a small
-pool. Reports are cached per experiment and margin until the experiment's rows change
-(bootstrap intervals cost seconds; the page asks every few seconds).
+pool.
+
+Answers are cached until the experiment's rows change (a cheap fingerprint query per
+request). A report takes seconds (BCa bootstrap: ~3 s at 2000 labelled pairs, ~15 s at
+5000) while the page asks every 5 s, so once an experiment has a report, a changed
+experiment is answered with the previous report at once and recomputed in the background;
+``X-Abdag-Computed-At`` and ``X-Abdag-Stale`` say how old an answer is. The body is always
+exactly ``build_report(...).to_dict()``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import mimetypes
@@ -29,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,6 +80,7 @@ class ClientPool:
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._idle: list[Any] = []
+        self._closed = False
 
     @contextmanager
     def client(self) -> Iterator[Any]:
@@ -86,10 +95,14 @@ class ClientPool:
                 _close(c)  # may be mid-response or disconnected: never reuse
                 raise
             with self._lock:
-                self._idle.append(c)
+                if not self._closed:
+                    self._idle.append(c)
+                    return
+            _close(c)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for c in idle:
             _close(c)
@@ -113,8 +126,10 @@ class DashboardServer(ThreadingHTTPServer):
         # chdb is one engine per process: one client, one query at a time
         chdb = settings.clickhouse_url.startswith("chdb:")
         self.pool = ClientPool(settings, size=1 if chdb else 4)
-        self._cache: dict[tuple, tuple[Any, float, Any]] = {}
+        self._cache: dict[tuple, Cached] = {}
         self._cache_lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._refreshing: set[tuple] = set()
         super().__init__(address, DashboardHandler)
 
     @property
@@ -135,10 +150,12 @@ class DashboardServer(ThreadingHTTPServer):
             with self.pool.client() as client:
                 return fn(client)
         except (ClickHouseUnreachable, OperationalError) as exc:
+            # connect() already words its own message; keep only the driver's cause
+            cause = exc.__cause__ if isinstance(exc, ClickHouseUnreachable) else exc
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"ClickHouse unreachable at {self.settings.clickhouse_url} (is `abdag up` "
-                f"running, or ABDAG_CLICKHOUSE_URL right?): {_first_line(exc)}",
+                f"running, or ABDAG_CLICKHOUSE_URL right?): {_first_line(cause or exc)[:300]}",
             ) from exc
         except DatabaseError as exc:
             if "UNKNOWN_TABLE" in str(exc) or "doesn't exist" in str(exc):
@@ -158,25 +175,93 @@ class DashboardServer(ThreadingHTTPServer):
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown experiment: {experiment!r}")
         return experiment
 
-    def cached(self, key: tuple, experiment: str, compute: Callable[[Any], Any]) -> Any:
-        """``compute(client)``, reused while the experiment's rows are unchanged."""
+    def _fingerprint(self, client: Any, experiment: str) -> tuple:
+        dag = experiment.split(".", 1)[0]
+        rows = client.query(
+            _FINGERPRINT_SQL, parameters={"experiment": experiment, "dag": dag}
+        ).result_rows
+        return tuple(rows[0])
 
-        def run(client: Any) -> Any:
-            dag = experiment.split(".", 1)[0]
-            fp = client.query(
-                _FINGERPRINT_SQL, parameters={"experiment": experiment, "dag": dag}
-            ).result_rows[0]
-            now = time.monotonic()
-            with self._cache_lock:
-                hit = self._cache.get(key)
-            if hit is not None and hit[0] == fp and now - hit[1] < CACHE_TTL_S:
-                return hit[2]
-            value = compute(client)
-            with self._cache_lock:
-                self._cache[key] = (fp, now, value)
-            return value
+    def _compute(self, key: tuple, experiment: str, compute: Callable[[Any], Any]) -> Cached:
+        """Compute and store one entry; one computation per key at a time."""
+        with self._cache_lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
 
-        return self.query(run)
+            def run(client: Any) -> Cached:
+                fp = self._fingerprint(client, experiment)
+                with self._cache_lock:
+                    hit = self._cache.get(key)
+                if hit is not None and hit.fingerprint == fp and hit.fresh():
+                    return hit  # another thread computed it while this one waited
+                entry = Cached(fp, time.time(), compute(client))
+                with self._cache_lock:
+                    self._cache[key] = entry
+                return entry
+
+            return self.query(run)
+
+    def _refresh_later(self, key: tuple, experiment: str, compute: Callable[[Any], Any]) -> None:
+        with self._cache_lock:
+            if key in self._refreshing:
+                return
+            self._refreshing.add(key)
+
+        def work() -> None:
+            try:
+                self._compute(key, experiment, compute)
+            except Exception:  # noqa: BLE001 - the next request tries again
+                log.warning("background refresh of %s failed", key, exc_info=True)
+            finally:
+                with self._cache_lock:
+                    self._refreshing.discard(key)
+
+        threading.Thread(target=work, name=f"refresh {key}", daemon=True).start()
+
+    def cached(
+        self,
+        key: tuple,
+        experiment: str,
+        compute: Callable[[Any], Any],
+        *,
+        background: bool = False,
+    ) -> Cached:
+        """``compute(client)``, reused while the experiment's rows are unchanged.
+
+        ``background=True`` (reports: bootstrap intervals take seconds to tens of seconds
+        on a few thousand pairs) answers a changed experiment with the last result at once
+        and recomputes in a background thread, so the page never waits on a live
+        experiment; the answer says how old it is. The first answer is always computed.
+        """
+        fp = self.query(lambda c: self._fingerprint(c, experiment))
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit.fingerprint == fp and hit.fresh():
+            return hit
+        if hit is not None and background:
+            self._refresh_later(key, experiment, compute)
+            return Cached(hit.fingerprint, hit.computed_at, hit.value, stale=True)
+        return self._compute(key, experiment, compute)
+
+
+@dataclass(frozen=True)
+class Cached:
+    """A computed answer, the state of the rows it was computed from, and when."""
+
+    fingerprint: tuple
+    computed_at: float
+    value: Any
+    stale: bool = False
+
+    def fresh(self) -> bool:
+        return time.time() - self.computed_at < CACHE_TTL_S
+
+    def headers(self) -> dict[str, str]:
+        when = dt.datetime.fromtimestamp(self.computed_at, tz=dt.UTC)
+        return {
+            "X-Abdag-Computed-At": when.isoformat(timespec="seconds"),
+            "X-Abdag-Stale": "1" if self.stale else "0",
+        }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -204,9 +289,11 @@ class DashboardHandler(BaseHTTPRequestHandler):
             elif url.path == "/api/experiments":
                 self._json(self.server.experiments())
             elif url.path == "/api/report":
-                self._json(self._report(query))
+                got = self._report(query)
+                self._json(got.value, headers=got.headers())
             elif url.path == "/api/timeline":
-                self._json(self._timeline(query))
+                got = self._timeline(query)
+                self._json(got.value, headers=got.headers())
             else:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {url.path}")
         except ApiError as exc:
@@ -216,7 +303,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._json({"error": f"internal error: {exc}", "status": 500}, 500)
 
     # ------------------------------------------------------------------ api
-    def _report(self, query: dict[str, str]) -> dict[str, Any]:
+    def _report(self, query: dict[str, str]) -> Cached:
         experiment = self.server.require_experiment(query.get("experiment"))
         margin = _number(query, "margin", 0.0)
         if margin < 0:
@@ -225,9 +312,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
             ("report", experiment, margin),
             experiment,
             lambda c: build_report(c, experiment, margin=margin).to_dict(),
+            background=True,
         )
 
-    def _timeline(self, query: dict[str, str]) -> dict[str, Any]:
+    def _timeline(self, query: dict[str, str]) -> Cached:
         experiment = self.server.require_experiment(query.get("experiment"))
         bucket = int(_number(query, "bucket", 0)) or None
         try:
@@ -240,9 +328,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
 
     # ------------------------------------------------------------------ answers
-    def _json(self, body: Any, status: int = 200) -> None:
+    def _json(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body, allow_nan=False).encode()
-        self._send(status, data, "application/json", cache=False)
+        self._send(status, data, "application/json", cache=False, headers=headers)
 
     def _static(self, rel: str) -> None:
         root = STATIC_DIR.resolve()
@@ -257,9 +345,19 @@ class DashboardHandler(BaseHTTPRequestHandler):
             ctype += "; charset=utf-8"
         self._send(200, path.read_bytes(), ctype, cache=False)
 
-    def _send(self, status: int, data: bytes, ctype: str, *, cache: bool) -> None:
+    def _send(
+        self,
+        status: int,
+        data: bytes,
+        ctype: str,
+        *,
+        cache: bool,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Content-Type-Options", "nosniff")
         if not cache:

@@ -77,6 +77,11 @@
   const utc = (iso) => (iso ? iso.replace("T", " ").replace(/(\.\d+)?(\+00:00|Z)$/, " UTC") : "");
 
   async function getJSON(url) {
+    return (await fetchJSON(url)).body;
+  }
+
+  /** {body, headers}; a non-2xx answer throws with the server's message. */
+  async function fetchJSON(url) {
     const resp = await fetch(url, { cache: "no-store" });
     let body = null;
     try {
@@ -87,7 +92,7 @@
     if (!resp.ok) {
       throw new Error(body && body.error ? body.error : `${resp.status} ${resp.statusText}`);
     }
-    return body;
+    return { body, headers: resp.headers };
   }
 
   function setStatus(text, st) {
@@ -139,14 +144,20 @@
       if (isNum(margin) && margin > 0) rq.set("margin", String(margin));
       const tq = query();
       if ($("bucket").value) tq.set("bucket", $("bucket").value);
-      const [report, tl] = await Promise.all([
-        getJSON("/api/report?" + rq),
+      const [rep, tl] = await Promise.all([
+        fetchJSON("/api/report?" + rq),
         getJSON("/api/timeline?" + tq),
       ]);
+      const report = rep.body;
       if (report.experiment !== state.experiment) return; // picker changed meanwhile
       render(report, tl);
       showError("");
-      setStatus("updated " + new Date().toLocaleTimeString("en-GB"));
+      const computed = (rep.headers.get("X-Abdag-Computed-At") || "").slice(11, 19);
+      const stale = rep.headers.get("X-Abdag-Stale") === "1";
+      setStatus(
+        `updated ${new Date().toISOString().slice(11, 19)} UTC` +
+          (computed ? ` · report of ${computed}${stale ? ", recomputing…" : ""}` : "")
+      );
     } catch (err) {
       showError(err.message || String(err));
       setStatus("error", "error");
@@ -499,7 +510,7 @@
       series.push({ label: "−margin", values: seq.map(() => -r.margin), stroke: C.bad, dash: [6, 3], width: 1, noPoints: true });
     }
     draw(
-      chartBox(parent, "chart-sequential", "Loss improvement A − B", `${r.loss}, always-valid ${level} CS, by label arrival`),
+      chartBox(parent, "chart-sequential", "Loss improvement A − B", `${level} always-valid CS, by label time`),
       sx,
       series,
       { bands: [{ series: [3, 2], fill: "rgba(31,138,76,0.12)" }], key: String(r.margin > 0) }
