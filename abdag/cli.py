@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     r = sub.add_parser("report", help="A against B for one experiment, with the verdict")
-    r.add_argument("experiment")
+    r.add_argument("experiment", help="<dag>.<comparison>, or a champion-and-challengers group")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument("--margin", type=float, default=None, help="non-inferiority margin")
     r.add_argument("--show-sql", action="store_true", help="print the SQL behind the report")
@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--task", choices=["binary", "multiclass", "regression"])
     reg.add_argument("--model-class", help="package.module:Class for a state_dict")
     msub.add_parser("list", help="every registered version")
+
+    pm = sub.add_parser("promote", help="make B the served model, if the verdict allows it")
+    pm.add_argument("experiment")
+    pm.add_argument("--force", action="store_true", help="promote against the verdict (recorded)")
+    pm.add_argument("--note", default="", help="why, for the record")
+
+    rt = sub.add_parser("retire", help="retire challenger B, if the verdict says it is worse")
+    rt.add_argument("experiment")
+    rt.add_argument("--force", action="store_true", help="retire against the verdict (recorded)")
+    rt.add_argument("--note", default="", help="why, for the record")
 
     db = sub.add_parser("dashboard", help="serve the A/B dashboard in a browser")
     db.add_argument("--host", default="127.0.0.1")

@@ -139,24 +139,37 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
 
     from abdag.cli import UserError
     from abdag.clickhouse import connect
-    from comparators.report import build_report, list_experiments
+    from comparators.report import build_report, group_members, list_experiments
 
     client = connect(settings, readonly=True)
     known = list_experiments(client)
-    if args.experiment not in known:
+    members = (
+        [args.experiment] if args.experiment in known else group_members(client, args.experiment)
+    )
+    if not members:
         raise UserError(
-            f"no experiment {args.experiment!r} in ClickHouse; known: {known or 'none yet'}"
+            f"no experiment or group {args.experiment!r} in ClickHouse; "
+            f"experiments: {known or 'none yet'}"
         )
-    kwargs = {"margin": args.margin} if args.margin is not None else {}
-    result = build_report(client, args.experiment, **kwargs)
+    reports = [build_report(client, m, margin=args.margin) for m in members]
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = [r.to_dict() for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
         return 0
-    print(result.render())
-    if args.show_sql:
-        print("\n-- the SQL behind this report")
-        for statement in result.sql:
-            print(statement.strip() + ";\n")
+    for r in reports:
+        print(r.render() + "\n")
+        if args.show_sql:
+            print("-- the SQL behind this report")
+            for statement in r.sql:
+                print(statement.strip() + ";\n")
+    if len(reports) > 1:
+        print(f"{len(reports)} challengers against the champion (alpha split over them):")
+        for r in reports:
+            action = {
+                "B worse": "retire it: abdag retire " + r.experiment,
+                "B better": "a candidate: abdag promote " + r.experiment,
+            }
+            print(f"  {r.model_b:<20} {r.verdict.label:<16} {action.get(r.verdict.label, '')}")
     return 0
 
 
@@ -225,4 +238,34 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     for v in registry.all():
         print(f"{v.ref:<30} {v.format:<12} {v.sha256[:12]}  {v.created}  {v.task or ''}")
+    return 0
+
+
+@command("promote")
+def promote(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.cli import UserError
+    from abdag.clickhouse import connect
+    from comparators.decisions import PromotionRefused, decide_promotion
+
+    try:
+        d = decide_promotion(connect(settings), args.experiment, force=args.force, note=args.note)
+    except PromotionRefused as exc:
+        raise UserError(str(exc)) from None
+    forced = " (forced, against the verdict: recorded)" if d.forced else ""
+    print(f"{d.experiment}: B is now the served model{forced}; verdict {d.verdict!r}")
+    return 0
+
+
+@command("retire")
+def retire(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.cli import UserError
+    from abdag.clickhouse import connect
+    from comparators.decisions import PromotionRefused, decide_retirement
+
+    try:
+        d = decide_retirement(connect(settings), args.experiment, force=args.force, note=args.note)
+    except PromotionRefused as exc:
+        raise UserError(str(exc)) from None
+    forced = " (forced, against the verdict: recorded)" if d.forced else ""
+    print(f"{d.experiment}: challenger retired{forced}; verdict {d.verdict!r}")
     return 0

@@ -33,6 +33,7 @@ class Settings:
     database: str = "default"
     clickhouse_user: str = "default"
     clickhouse_password: str = ""
+    model_registry: Path | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -41,7 +42,7 @@ class Settings:
         for f in fields(cls):
             raw = env.get(f"ABDAG_{f.name.upper()}")
             if raw:
-                values[f.name] = Path(raw) if f.name == "data_dir" else raw
+                values[f.name] = Path(raw) if f.name in ("data_dir", "model_registry") else raw
         return cls(**values)
 
     def with_overrides(self, **overrides: object) -> Settings:
@@ -70,6 +71,10 @@ class Settings:
     def run_dir(self) -> Path:
         """PID files and logs of processes started by ``abdag up``."""
         return self.data_dir / "run"
+
+    def registry_dir(self) -> Path:
+        """The model registry (``ABDAG_MODEL_REGISTRY``, default ``<data_dir>/registry``)."""
+        return self.model_registry or self.data_dir / "registry"
 
     def clickhouse_dir(self) -> Path:
         return self.data_dir / "clickhouse"

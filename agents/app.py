@@ -27,6 +27,7 @@ from abdag.clickhouse import connect
 from abdag.settings import Settings
 from agents.config import faust_settings
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from comparators.decisions import served_side
 from comparators.join import PairJoin
 from comparators.rows import (
     PAIR_COLUMNS,
@@ -52,12 +53,27 @@ from topics import (
     node_topic,
     pairs_topic,
     request_from_raw,
+    served_topic,
     snapshots_topic,
 )
 
 log = logging.getLogger("abdag.worker")
 TAKE_MAX = 500
 TAKE_WITHIN = 0.05
+EXPERIMENT_COLUMNS = [
+    "experiment",
+    "updated_ts",
+    "dag",
+    "comparison",
+    "grp",
+    "group_size",
+    "model_a",
+    "model_b",
+    "task",
+    "mode",
+    "split",
+    "margin",
+]
 DEAD_LETTER_COLUMNS = ["dag", "node", "reason", "ts", "request_id", "detail", "count"]
 
 
@@ -148,6 +164,59 @@ class DagRuntime:
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class ModelSlot:
+    """The model a node runs now, swapped between batches when the registry has a newer one.
+
+    A swap replaces one reference: the batch in flight finishes on the old model, the next
+    runs on the new one, so no event is dropped and each prediction names its version.
+    """
+
+    def __init__(self, node: ModelNode, settings: Settings) -> None:
+        from collections import Counter as _Counter
+
+        self.node = node
+        self.settings = settings
+        self.batch_sizes: _Counter[int] = _Counter()
+        self.runner, self.version = self._load()
+
+    def _load(self):
+        from agents.model_source import resolve
+        from models import BatchRunner, load_model
+
+        src = resolve(self.node, self.settings)
+        model = load_model(
+            src.path,
+            name=self.node.name,
+            device=self.node.device,
+            model_class=src.model_class,
+            model_kwargs=src.model_kwargs,
+        )
+        runner = BatchRunner(model, None, self.node.output, threshold=self.node.threshold)
+        runner.batch_sizes = self.batch_sizes  # one histogram across swaps
+        return runner, src.version or model.version
+
+    def reload_if_newer(self) -> bool:
+        from agents.model_source import resolve
+
+        try:
+            if resolve(self.node, self.settings).version == self.version:
+                return False
+            runner, version = self._load()
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            log.error(
+                "node %s: new model version not loaded, keeping %s: %s",
+                self.node.name,
+                self.version,
+                exc,
+            )
+            return False
+        log.warning(
+            "node %s: now serving model version %s (was %s)", self.node.name, version, self.version
+        )
+        self.runner, self.version = runner, version
+        return True
 
 
 class JsonTable(MutableMapping):
@@ -284,25 +353,24 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
 
 def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
-    from models import BatchRunner, load_model
+    from agents.model_source import resolve
 
     (upstream,) = node.inputs
     out = rt.topic(node_topic(rt.dag.name, node.name))
-    model = load_model(
-        node.path,
-        name=node.name,
-        device=node.device,
-        model_class=node.model_class,
-        model_kwargs=node.model_kwargs,
-    )
-    runner = BatchRunner(model, None, node.output, threshold=node.threshold)
-    rt.batch_sizes[node.name] = runner.batch_sizes
-    version = model.version
+    slot = ModelSlot(node, rt.settings)
+    rt.batch_sizes[node.name] = slot.batch_sizes
 
-    def infer(inputs: list[Any]) -> tuple[list[Any], float]:
+    def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
+        runner, version = slot.runner, slot.version  # one model for the whole batch
         start = time.perf_counter()
         results = runner.run(inputs)
-        return results, (time.perf_counter() - start) * 1000.0
+        return results, (time.perf_counter() - start) * 1000.0, version
+
+    if resolve(node, rt.settings).follows_latest:
+
+        @rt.app.timer(interval=node.reload_interval, name=f"{node.name}-reload")
+        async def follow_registry() -> None:
+            await rt.in_thread(slot.reload_if_newer)
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
@@ -327,7 +395,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                 inputs.append(x)
             if not decoded:
                 continue
-            results, latency_ms = await rt.in_thread(infer, inputs)
+            results, latency_ms, version = await rt.in_thread(infer, inputs)
             now = time.time()
             ready = []
             for (e, ev), res in zip(decoded, results, strict=True):
@@ -365,6 +433,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
     ticks = rt.topic(tick_topic)
     pairs = rt.topic(pairs_topic(dag, node.name))
+    served = rt.topic(served_topic(dag, node.name))
+    control = {"promoted": False, "retired": False}
     snaps = rt.topic(snapshots_topic(dag, node.name))
     table = rt.app.Table(
         f"{node.name}-join",
@@ -402,6 +472,10 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                     pred = asdict(ev.prediction(model))
                     pred["request_ts"] = ev.ts
                     emitted = join.offer_prediction(side, ev.request_id, pred, now)
+                    choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)
+                    if side == choice:
+                        answer = {"request_id": ev.request_id, "served_by": side, **pred}
+                        await served.send(key=e.key, value=orjson.dumps(answer), headers=e.headers)
             except BadRecord as err:
                 await rt.dead(node.name, err, e)
                 continue
@@ -453,6 +527,43 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             ):
                 await snapshot(partition, now)
 
+    experiments_sink = rt.sink("experiments", EXPERIMENT_COLUMNS)
+
+    @rt.app.task
+    async def declare_experiment() -> None:
+        """Record what the DAG says about this experiment (margin, group, mode) for reports."""
+        from datetime import UTC, datetime
+
+        row = [
+            experiment,
+            datetime.now(UTC),
+            dag,
+            node.name,
+            node.group,
+            node.group_size,
+            node.a,
+            node.b,
+            node.task,
+            node.mode,
+            node.split,
+            node.margin,
+        ]
+        await rt.in_thread(experiments_sink.write, [row])
+
+    @rt.app.timer(interval=2.0, name=f"{node.name}-decisions")
+    async def follow_decisions() -> None:
+        try:
+            decision = await rt.in_thread(_latest_decision, rt, experiment)
+        except Exception as exc:  # noqa: BLE001 - ClickHouse away: keep the last decision
+            log.debug("decisions not read: %s", exc)
+            return
+        promoted = decision is not None and decision.action == "promote"
+        retired = decision is not None and decision.action == "retire"
+        if (promoted, retired) != (control["promoted"], control["retired"]):
+            state = "B serves" if promoted else ("B retired" if retired else "A serves")
+            log.warning("%s: %s", experiment, state)
+            control.update(promoted=promoted, retired=retired)
+
     pair_sink = rt.sink("pairs", PAIR_COLUMNS)
     snap_sink = rt.sink("metric_snapshots", SNAPSHOT_COLUMNS)
 
@@ -471,6 +582,22 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                     rows.append([r[c] for c in SNAPSHOT_COLUMNS])
                     originals.append(v)
             await rt.write_rows(node.name, snap_sink, rows, originals)
+
+
+def _latest_decision(rt: DagRuntime, experiment: str):
+    from comparators.decisions import latest_decision
+    from comparators.schema import ensure_schema
+
+    client = getattr(rt, "_control_client", None)
+    if client is None:
+        client = connect(rt.settings)
+        ensure_schema(client)
+        rt._control_client = client
+    try:
+        return latest_decision(client, experiment)
+    except Exception:
+        rt._control_client = None
+        raise
 
 
 def _dead_letter_sink(rt: DagRuntime) -> None:

@@ -74,6 +74,7 @@ class ModelNode(Node):
     max_batch: int = 64
     max_wait: float = 0.01
     threshold: float = 0.5
+    reload_interval: float = 5.0
     replaces: str | None = None  # set on shadow copies: which node this one stands in for
 
 
@@ -91,6 +92,10 @@ class Comparison(Node):
     margin: float = 0.0
     snapshot_every: int = 1000
     snapshot_interval: float = 5.0
+    mode: str = "shadow"  # 'shadow' | 'split': who serves, see comparators.decisions
+    split: float = 0.0
+    group: str = ""  # champion-and-challengers group this comparison belongs to
+    group_size: int = 1
 
 
 def _reading_copies(build: Callable[[Event], Any], copies: dict[str, str]):
@@ -170,10 +175,13 @@ class Dag:
         max_batch: int = 64,
         max_wait: float = 0.01,
         threshold: float = 0.5,
+        reload_interval: float = 5.0,
     ) -> ModelNode:
         """A model node. ``inputs(event)`` builds one example's tensor (or tuple of tensors)
         from the event's payload and upstream outputs; ``output`` says how to read the
-        model's answer (one of sigmoid, probability, softmax, value, raw)."""
+        model's answer (one of sigmoid, probability, softmax, value, raw). ``path`` is a
+        model file or ``registry:NAME[@vN]``; without a pinned version the node follows the
+        registry's newest version, checked every ``reload_interval`` seconds."""
         return self._add(
             ModelNode(
                 name,
@@ -187,6 +195,7 @@ class Dag:
                 max_batch=max_batch,
                 max_wait=max_wait,
                 threshold=threshold,
+                reload_interval=reload_interval,
             )
         )
 
@@ -195,7 +204,7 @@ class Dag:
         name: str,
         *,
         a: Node | str,
-        b: Node | str,
+        b: Node | str | Sequence[Node | str],
         labels: Node | str | None = None,
         task: str = "binary",
         metrics: list[str] | None = None,
@@ -204,27 +213,49 @@ class Dag:
         margin: float = 0.0,
         snapshot_every: int = 1000,
         snapshot_interval: float = 5.0,
-    ) -> Comparison:
-        """Compare two model nodes' outputs on the same requests (see comparators/)."""
-        (a_name,), (b_name,) = self._names(a), self._names(b)
+        mode: str = "shadow",
+        split: float = 0.0,
+    ) -> Comparison | list[Comparison]:
+        """Compare two model nodes' outputs on the same requests (see comparators/).
+
+        The served answer goes to ``abdag.<dag>.<name>.served``: A's in ``mode="shadow"``;
+        in ``mode="split"`` a stable ``split`` share of requests is served by B. Both
+        models score every request either way, so the comparison stays paired.
+
+        ``b`` may be a list of challengers: each is compared with the champion ``a`` in a
+        comparison named ``<name>__<challenger>``, and their verdicts share ``alpha``
+        (Bonferroni) so that running several challengers does not inflate false wins.
+        """
+        (a_name,) = self._names(a)
+        challengers = self._names(b)
         label_name = self._names(labels)[0] if labels is not None else None
-        inputs = (a_name, b_name) + ((label_name,) if label_name else ())
-        return self._add(
-            Comparison(
-                name,
-                inputs,
-                a=a_name,
-                b=b_name,
-                labels=label_name,
-                task=task,
-                metrics=metrics,
-                join_timeout=join_timeout,
-                label_timeout=label_timeout,
-                margin=margin,
-                snapshot_every=snapshot_every,
-                snapshot_interval=snapshot_interval,
+        group = name if not isinstance(b, Node | str) else ""
+        made = []
+        for b_name in challengers:
+            inputs = (a_name, b_name) + ((label_name,) if label_name else ())
+            made.append(
+                self._add(
+                    Comparison(
+                        f"{name}__{b_name}" if group else name,
+                        inputs,
+                        a=a_name,
+                        b=b_name,
+                        labels=label_name,
+                        task=task,
+                        metrics=metrics,
+                        join_timeout=join_timeout,
+                        label_timeout=label_timeout,
+                        margin=margin,
+                        snapshot_every=snapshot_every,
+                        snapshot_interval=snapshot_interval,
+                        mode=mode,
+                        split=split,
+                        group=group,
+                        group_size=len(challengers) if group else 1,
+                    )
+                )
             )
-        )
+        return made if group else made[0]
 
     def shadow(self, node: Node | str, *, replace: dict[Node | str, Node | str]) -> Node:
         """B's branch of ``node``: a copy of it, and of everything between it and the

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agents.dag import Dag, ModelNode
 from agents.errors import DagError
+from agents.model_source import is_registry_ref
 
 
 def load_dag(path: str | Path) -> Dag:
@@ -46,6 +47,10 @@ def load_dag(path: str | Path) -> Dag:
         raise DagError(f"the file must define one Dag; found {found}", file=str(path))
     dag.file = str(path)
     for node in dag.nodes.values():
-        if isinstance(node, ModelNode) and not Path(node.path).is_absolute():
+        if (
+            isinstance(node, ModelNode)
+            and not is_registry_ref(node.path)
+            and not Path(node.path).is_absolute()
+        ):
             node.path = str(Path(folder, node.path))
     return dag

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from agents.dag import Comparison, Dag, LabelSource, Source
-from topics import dead_letter_topic, input_topic, node_topic, pairs_topic, snapshots_topic
+from topics import (
+    dead_letter_topic,
+    input_topic,
+    node_topic,
+    pairs_topic,
+    served_topic,
+    snapshots_topic,
+)
 
 
 def dag_topics(dag: Dag) -> list[str]:
@@ -16,6 +23,7 @@ def dag_topics(dag: Dag) -> list[str]:
                 f"abdag.{dag.name}.{node.name}.ticks",
                 pairs_topic(dag.name, node.name),
                 snapshots_topic(dag.name, node.name),
+                served_topic(dag.name, node.name),
             ]
         else:
             names.append(node_topic(dag.name, node.name))

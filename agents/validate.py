@@ -78,6 +78,10 @@ def _check_node(dag: Dag, node: Node) -> None:
             raise _fail(dag, node, f"task must be one of {TASKS}, got {node.task!r}")
         if not (node.join_timeout > 0 and node.label_timeout > 0):
             raise _fail(dag, node, "join_timeout and label_timeout must be > 0 seconds")
+        if node.mode not in ("shadow", "split"):
+            raise _fail(dag, node, f"mode must be 'shadow' or 'split', got {node.mode!r}")
+        if not 0.0 <= node.split <= 1.0:
+            raise _fail(dag, node, f"split must be a share in [0, 1], got {node.split!r}")
         if node.margin < 0:
             raise _fail(dag, node, f"margin must be >= 0, got {node.margin}")
         expected = {
@@ -108,6 +112,7 @@ def _sample(dag: Dag, source: Source) -> dict | None:
 
 
 def _dry_run(dag: Dag, order: list[Node]) -> None:
+    from agents.model_source import resolve
     from models import BatchRunner, ModelError, load_model
 
     events: dict[str, Event | None] = {}
@@ -130,12 +135,13 @@ def _dry_run(dag: Dag, order: list[Node]) -> None:
             events[node.name] = ev
         elif isinstance(node, ModelNode):
             try:
+                src = resolve(node)
                 model = load_model(
-                    node.path,
+                    src.path,
                     name=node.name,
                     device="cpu",
-                    model_class=node.model_class,
-                    model_kwargs=node.model_kwargs,
+                    model_class=src.model_class,
+                    model_kwargs=src.model_kwargs,
                 )
             except ModelError as exc:
                 raise _fail(dag, node, f"model does not load: {exc}") from exc

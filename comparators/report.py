@@ -413,7 +413,7 @@ def build_report(
     client: Any,
     experiment: str,
     *,
-    margin: float = 0.0,
+    margin: float | None = None,
     alpha: float = 0.05,
     min_pairs: int = 200,
     n_resamples: int = 1000,
@@ -428,8 +428,16 @@ def build_report(
     intervals, ``'auto'`` = BCa up to 1000 labelled pairs, percentile above (BCa's
     jackknife costs O(n^2)). ``dag``: whose dead letters to count; by default the part of
     the experiment name before the first '.' (experiments are named ``<dag>.<comparison>``).
+
+    ``margin=None`` takes the margin declared in the DAG (the ``experiments`` table; 0 if
+    unknown). When the experiment is one of k challengers of a champion, ``alpha`` is
+    split over them (Bonferroni), so the chance of any false "B better" stays ``alpha``.
     """
     params = {"experiment": experiment}
+    declared = experiment_settings(client, experiment)
+    if margin is None:
+        margin = float(declared.get("margin", 0.0))
+    alpha = alpha / max(int(declared.get("group_size", 1)), 1)
     sql = [OVERVIEW_SQL]
     ov = _one(client, OVERVIEW_SQL, params)
     task = ov.get("task") or ""
@@ -535,6 +543,32 @@ def _task_metrics(client: Any, task: str, params: dict[str, Any]) -> dict[str, f
 
 def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
+
+
+def experiment_settings(client: Any, experiment: str) -> dict[str, Any]:
+    """What the DAG declared for an experiment (margin, group, ...); {} if not recorded."""
+    try:
+        return _one(
+            client,
+            "SELECT * FROM experiments FINAL WHERE experiment = {experiment:String}",
+            {"experiment": experiment},
+        )
+    except Exception:  # noqa: BLE001 - older stores have no experiments table
+        return {}
+
+
+def group_members(client: Any, group: str) -> list[str]:
+    """Experiments of a champion-and-challengers group (``<dag>.<name>``)."""
+    try:
+        dag, _, name = group.partition(".")
+        rows = client.query(
+            "SELECT experiment FROM experiments FINAL WHERE dag = {d:String} AND grp = {g:String} "
+            "ORDER BY experiment",
+            parameters={"d": dag, "g": name},
+        ).result_rows
+    except Exception:  # noqa: BLE001
+        return []
+    return [r[0] for r in rows]
 
 
 def list_experiments(client: Any) -> list[str]:

@@ -52,7 +52,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 STAGE_UNPAIRED = 1
@@ -130,6 +130,40 @@ TABLES: dict[str, Table] = {
         ),
         "MergeTree",
         "(dag, ts)",
+    ),
+    "experiments": Table(
+        "experiments",
+        (
+            ("experiment", "String"),
+            ("updated_ts", TS),
+            ("dag", "LowCardinality(String)"),
+            ("comparison", "String"),
+            ("grp", "String"),  # champion-and-challengers group ('' when alone)
+            ("group_size", "UInt16"),  # challengers in the group: alpha is split over them
+            ("model_a", "String"),
+            ("model_b", "String"),
+            ("task", "LowCardinality(String)"),
+            ("mode", "LowCardinality(String)"),
+            ("split", "Float64"),
+            ("margin", "Float64"),
+        ),
+        "ReplacingMergeTree(updated_ts)",
+        "experiment",
+    ),
+    "decisions": Table(
+        "decisions",
+        (
+            ("experiment", "LowCardinality(String)"),
+            ("ts", TS),
+            ("action", "LowCardinality(String)"),  # 'promote' | 'retire'
+            ("served", "LowCardinality(String)"),  # the side served after it: 'a' | 'b'
+            ("forced", "UInt8"),
+            ("verdict", "String"),
+            ("confidence", "Float64"),
+            ("note", "String"),
+        ),
+        "MergeTree",
+        "(experiment, ts)",
     ),
     "schema_version": Table(
         "schema_version",

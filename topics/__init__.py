@@ -6,6 +6,7 @@ from topics.naming import (
     input_topic,
     node_topic,
     pairs_topic,
+    served_topic,
     snapshots_topic,
 )
 from topics.records import (
@@ -41,5 +42,6 @@ __all__ = [
     "node_topic",
     "pairs_topic",
     "request_from_raw",
+    "served_topic",
     "snapshots_topic",
 ]

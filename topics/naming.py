@@ -49,6 +49,11 @@ def pairs_topic(dag: str, comparison: str) -> str:
     return f"abdag.{dag}.{comparison}.pairs"
 
 
+def served_topic(dag: str, comparison: str) -> str:
+    """The answer served for each request (the champion's, or the split's choice)."""
+    return f"abdag.{dag}.{comparison}.served"
+
+
 def snapshots_topic(dag: str, comparison: str) -> str:
     return f"abdag.{dag}.{comparison}.snapshots"
 

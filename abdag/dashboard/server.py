@@ -305,8 +305,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ api
     def _report(self, query: dict[str, str]) -> Cached:
         experiment = self.server.require_experiment(query.get("experiment"))
-        margin = _number(query, "margin", 0.0)
-        if margin < 0:
+        margin = _number(query, "margin", None)  # None: the margin the DAG declared
+        if margin is not None and margin < 0:
             raise ApiError(HTTPStatus.BAD_REQUEST, "margin must be >= 0")
         return self.server.cached(
             ("report", experiment, margin),
@@ -366,7 +366,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def _number(query: dict[str, str], name: str, default: float) -> float:
+def _number(query: dict[str, str], name: str, default: float | None) -> float | None:
     raw = query.get(name)
     if raw in (None, ""):
         return default

@@ -1,0 +1,262 @@
+"""Paired comparisons per second of one worker, against Faust's and Kafka's own rates, and
+the ClickHouse sink against a raw insert.
+
+Figures, all from one run on one private stack (bench._harness.local_stack):
+
+* **full A/B DAG**: one ``abdag worker`` on ``tests.experiments.COMPARE_DAG`` (source,
+  labels, two small TorchScript fraud models, comparison ``ab`` with a join table, pairs
+  and snapshot sinks). Labels are produced first, then the requests, in one burst.
+  Pairs/s = (n - 1) / span of ``paired_ts`` over the n stage-3 (paired + labelled) rows in
+  ``pairs FINAL``: the whole DAG's rate, every agent sharing one process.
+* **comparison node alone**: the same worker; abdag events carrying model A's (resp. B's)
+  prediction and the labels are written straight to the node topics the join reads
+  (``abdag.<dag>.model_a`` / ``model_b`` / ``labels``), so only the join agent and the
+  ClickHouse sinks work. Same pairs/s definition.
+* **pass-through**: bench.passthrough (same Faust settings) on the same request bytes:
+  ``plain`` (await send per event), ``batched`` (take 500 + asyncio.gather of the sends,
+  the form abdag's agents use) and ``take+sequential`` (take 500, then await each send in
+  turn). Events/s = (n - 1) / span of the output records' Kafka timestamps.
+* **raw consume**: a confluent-kafka consumer reading 50,000 request records (the same
+  bytes) from the start of a topic: records / wall time from the first batch received to
+  the last record.
+* **sink**: ``comparators.sink.ClickHouseSink.write`` of N pair rows (built with
+  ``comparators.rows.pair_row`` / ``to_insert_values`` from real ``PairJoin`` emissions) in
+  batches of 5000 (the pairs sink agent's ``take(5000)``), after one 1-row write that
+  connects and runs ``ensure_schema`` (a worker pays that once), against
+  ``clickhouse_connect`` ``client.insert`` of the same rows and batches; median of 3
+  alternating repetitions, rows / wall seconds.
+
+Run: ``.venv/bin/python -m bench.comparison [--quick] [--n 5000] [--sink-rows 50000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import orjson
+
+from abdag.demo.fraud import train_models
+from agents.dag import Comparison
+from bench._ab import AbDag, FraudStream, measure, warm_up
+from bench._harness import (
+    Result,
+    Stack,
+    Workers,
+    create_topics,
+    drain_timeout,
+    local_stack,
+    median,
+    pair_stats,
+    produce,
+    ratio,
+    raw_consume_rate,
+    unique_name,
+    wait_pairs,
+)
+from bench._harness import passthrough_run as _passthrough_run
+from comparators.join import PairJoin
+from comparators.rows import PAIR_COLUMNS, pair_row, to_insert_values
+from comparators.schema import ensure_schema
+from comparators.sink import ClickHouseSink
+from tests.experiments import write_compare_dag
+from topics import Event, Label, Prediction, encode, node_topic
+
+SINK_BATCH = 5000
+RAW_CONSUME_RECORDS = 50_000
+
+
+def node_records(stream: FraudStream, side: str, prefix: str, i: int) -> tuple[bytes, bytes]:
+    """What model node ``model_<side>`` publishes for request ``<prefix><i>``."""
+    rid = f"{prefix}{i}"
+    now = time.time()
+    score = 0.1 + 0.8 * ((i * 7919) % 1000) / 1000 if side == "a" else 0.1 + (i % 800) / 1000
+    pred = Prediction(
+        model=f"model_{side}",
+        version="bench",
+        output=score,
+        score=score,
+        label=int(score >= 0.5),
+        latency_ms=0.2,
+        worker="bench",
+        batch_size=64,
+        ts=now,
+    )
+    body = stream.bodies[i % len(stream.bodies)]
+    ev = Event(request_id=rid, ts=now, payload=dict(body), outputs={f"model_{side}": asdict(pred)})
+    return rid.encode(), encode(ev)
+
+
+def join_only(
+    stack: Stack, procs: Workers, dag: AbDag, stream: FraudStream, n: int, prefix: str = "j-"
+) -> tuple[float, float]:
+    """(pairs/s by paired_ts span, wall s) with only the comparison node at work."""
+    started = time.monotonic()
+    produce(
+        stack.bootstrap,
+        node_topic(dag.name, "labels"),
+        lambda i: (
+            f"{prefix}{i}".encode(),
+            encode(
+                Label(f"{prefix}{i}", float(stream.labels[i % len(stream.labels)]), time.time())
+            ),
+        ),
+        n,
+    )
+    for side in ("a", "b"):
+        produce(
+            stack.bootstrap,
+            node_topic(dag.name, f"model_{side}"),
+            lambda i, s=side: node_records(stream, s, prefix, i),
+            n,
+        )
+    seen, at = wait_pairs(
+        stack, dag.experiments, prefix, n, stage=3, timeout=drain_timeout(n, 20), procs=procs
+    )
+    if seen < n:
+        raise RuntimeError(f"join only: {seen} of {n} pairs")
+    return pair_stats(stack, dag.experiments, prefix).rate, at - started
+
+
+def sink_rows(n: int, experiment: str) -> list[list]:
+    """``n`` pairs rows as the comparison node builds them (stage 3, paired)."""
+    node = Comparison("ab", ("model_a", "model_b", "labels"), a="model_a", b="model_b")
+    join = PairJoin(join_timeout=30, label_timeout=3600, store={})
+    rows = []
+    now = time.time()
+    for i in range(n):
+        rid = f"s-{i}"
+        for side, score in (("a", 0.3), ("b", 0.6)):
+            pred = {"score": score, "label": int(score >= 0.5), "version": "v1", "latency_ms": 0.5}
+            emitted = join.offer_prediction(side, rid, {**pred, "request_ts": now}, now)
+        emitted = join.offer_label(rid, float(i % 2), now, now) or emitted
+        row = pair_row(experiment, node, emitted, i % 4, "bench", now)
+        rows.append(to_insert_values(orjson.loads(orjson.dumps(row))))
+    return rows
+
+
+def sink_bench(stack: Stack, n: int, reps: int = 3) -> tuple[float, float]:
+    """(ClickHouseSink rows/s, raw client.insert rows/s), medians of ``reps``."""
+    client = stack.clickhouse()
+    ensure_schema(client)
+    sink_times, raw_times = [], []
+    for r in range(reps):
+        sink = ClickHouseSink(
+            stack.clickhouse, "pairs", PAIR_COLUMNS, on_connect=ensure_schema, max_backoff=1
+        )
+        # connect + ensure_schema happen at the first write; a worker pays them once
+        sink.write(sink_rows(1, f"bench.sink{r}.first"))
+        rows = sink_rows(n, f"bench.sink{r}")
+        start = time.perf_counter()
+        for k in range(0, n, SINK_BATCH):
+            if sink.write(rows[k : k + SINK_BATCH]):
+                raise RuntimeError("ClickHouse refused sink rows")
+        sink_times.append(time.perf_counter() - start)
+
+        rows = sink_rows(n, f"bench.raw{r}")
+        raw = stack.clickhouse()
+        start = time.perf_counter()
+        for k in range(0, n, SINK_BATCH):
+            raw.insert("pairs", rows[k : k + SINK_BATCH], column_names=PAIR_COLUMNS)
+        raw_times.append(time.perf_counter() - start)
+    return n / median(sink_times), n / median(raw_times)
+
+
+def main(argv: list[str] | None = None) -> Result:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
+    parser.add_argument("--n", type=int, default=None, help="measured requests (default 5000)")
+    parser.add_argument("--sink-rows", type=int, default=None, help="default 50000")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args(argv)
+    n = args.n or (600 if args.quick else 5000)
+    sink_n = args.sink_rows or (5000 if args.quick else 50_000)
+    res = Result(
+        "comparison",
+        "Comparison node vs pass-through vs raw consume; ClickHouse sink vs raw insert",
+        {"n": n, "sink_rows": sink_n, "sink_batch": SINK_BATCH, "quick": args.quick},
+    )
+    print(f"comparison bench: {res.params}", flush=True)
+    stream = FraudStream()
+    with local_stack() as stack:
+        models = train_models(stack.work / "models", seed=7)
+        name = unique_name("cmp")
+        dag = AbDag(name, write_compare_dag(stack.work / f"{name}.py", name, models), ["ab"])
+        dag.create_topics(stack)
+        with Workers(stack, name) as procs:
+            procs.start_abdag(dag.file)
+            warm_up(stack, procs, dag, stream, count=args.warmup)
+            full = measure(stack, procs, dag, stream, n, labels=True)
+            join_rate, _ = join_only(stack, procs, dag, stream, n)
+            (peak,) = procs.stop()
+        raw_topic = f"bench.{name}.raw"
+        create_topics(stack, [raw_topic])
+        raw_n = max(n, RAW_CONSUME_RECORDS)
+        produce(stack.bootstrap, raw_topic, lambda i: stream.request("r-", i), raw_n)
+        raw = raw_consume_rate(stack.bootstrap, raw_topic, raw_n)
+        passes = {
+            mode: _passthrough_run(stack, stream.request, n, mode=mode)
+            for mode in ("plain", "batched", "take_seq")
+        }
+        sink_rate, raw_insert = sink_bench(stack, sink_n)
+
+    plain = passes["plain"].rate
+    sec = "comparison node (1 worker)"
+    res.add(
+        sec,
+        "full A/B DAG, paired+labelled",
+        full.stats.rate,
+        "pairs/s",
+        ratio=ratio(full.stats.rate, plain),
+        vs="pass-through plain",
+        note=f"{full.stats.n} pairs",
+    )
+    res.add(
+        sec,
+        "comparison node alone (join + sinks)",
+        join_rate,
+        "pairs/s",
+        ratio=ratio(join_rate, plain),
+        vs="pass-through plain",
+    )
+    res.add(
+        sec,
+        "comparison node alone",
+        join_rate,
+        "pairs/s",
+        ratio=ratio(join_rate, passes["batched"].rate),
+        vs="pass-through batched",
+    )
+    labels = {"plain": "plain", "batched": "batched (take+gather)", "take_seq": "take+sequential"}
+    for mode, pt in passes.items():
+        res.add(
+            sec,
+            f"pass-through, {labels[mode]}",
+            pt.rate,
+            "events/s",
+            ratio=ratio(pt.rate, raw),
+            vs="raw consume",
+        )
+    res.add(sec, "raw consume (confluent-kafka)", raw, "records/s")
+    res.add(sec, "full DAG worker peak RSS", peak, "MiB")
+    res.add(
+        "ClickHouse sink",
+        f"ClickHouseSink.write ({SINK_BATCH}-row batches)",
+        sink_rate,
+        "rows/s",
+        ratio=ratio(sink_rate, raw_insert),
+        vs="raw insert",
+    )
+    res.add("ClickHouse sink", "clickhouse-connect client.insert", raw_insert, "rows/s")
+    r = ratio(join_rate, plain)
+    if r is not None:
+        res.note(f"comparison node alone / pass-through plain = {r:.2f} (goal >= 0.5)")
+    res.save(args.results)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""A model node's throughput against the same model offline, and against a plain Faust agent.
+
+Three figures, taken in one run on one private stack (bench._harness.local_stack):
+
+1. **offline torch**: the same TorchScript file loaded with ``models.load_model`` and
+   called in a tight loop at the node's batch size, via ``bench.offline_torch``:
+   ``forward`` (``LoadedModel.__call__``) and ``runner`` (``BatchRunner.run`` on per-item
+   tensors, what the node calls per batch). Taken before and after the worker run; the
+   mean of the two is used (the machine is shared, this brackets drift).
+2. **model node**: one ``abdag worker`` on a DAG with one model node (``max_batch`` =
+   ``--batch``). The measured events are pre-built abdag events written straight to the
+   source node's topic (``abdag.<dag>.tx``), so the worker's source agent is idle and only
+   the model node works: decode, build the input, batch, infer in the executor thread,
+   encode, send. The event payload is just an index; the input builder picks a row of a
+   fixed random matrix, so the model's cost, not JSON parsing of 512 floats, is measured.
+3. **pass-through**: ``bench.passthrough`` (consume raw, send raw, same Faust settings as
+   ``agents.config.faust_settings``) on the same input bytes, in ``plain`` and ``batched``
+   forms: the ceiling Faust itself puts on any node on this machine.
+
+Throughput = (n - 1) / (t_last - t_first) over the output records' timestamps, after a
+warm-up (see bench/_harness.py). The model is an MLP ``in -> hidden -> hidden -> 1``
+(bench.offline_torch.MLP), default 512-2048-2048-1. The node is model-bound only when the
+offline rate is well below the pass-through rate: the ``offline / pass-through`` ratio is
+printed to say how model-bound the case is.
+
+Run: ``.venv/bin/python -m bench.model_node [--quick] [--n 10000] [--batch 64]
+[--device auto|cpu|cuda] [--hidden 2048]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import orjson
+import torch
+
+from agents.loader import load_dag
+from agents.topology import dag_topics
+from bench._harness import (
+    MakeRecord,
+    Result,
+    Stack,
+    Workers,
+    create_topics,
+    fmt,
+    local_stack,
+    measure_topic_run,
+    passthrough_run,
+    ratio,
+    unique_name,
+)
+from bench.offline_torch import MLP, _save, offline_throughput, runner_throughput
+from models import BatchRunner, load_model
+from topics import Event, encode, node_topic
+
+DAG = """
+import torch
+from agents import Dag
+
+X = torch.randn({rows}, {features}, generator=torch.Generator().manual_seed(0))
+
+
+def features(event):
+    return X[int(event.payload["i"]) % {rows}]
+
+
+dag = Dag({name!r}, partitions=4)
+tx = dag.source("tx", example={{"i": 0}})
+dag.model(
+    "mlp", tx, path={path!r}, inputs=features, output="sigmoid", device={device!r},
+    max_batch={batch}, max_wait={wait},
+)
+"""
+
+
+def event_records(ts: float | None = None) -> MakeRecord:
+    """abdag events with payload ``{"i": i}`` keyed by request id ``<prefix><i>``."""
+
+    def make(prefix: str, i: int) -> tuple[bytes, bytes]:
+        rid = f"{prefix}{i}"
+        ev = Event(request_id=rid, ts=ts if ts is not None else time.time(), payload={"i": i})
+        return rid.encode(), encode(ev)
+
+    return make
+
+
+def offline(path: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(forward items/s, runner items/s) at ``args.batch`` for the saved model."""
+    model = load_model(path, name="mlp", device=args.device)
+    runner = BatchRunner(model, None, "sigmoid")
+    example = torch.randn(args.in_features)
+    n = max(args.n, args.batch * 20)
+    return (
+        offline_throughput(model, args.batch, n, example),
+        runner_throughput(runner, args.batch, n, example),
+    )
+
+
+def node_run(stack: Stack, path: Path, args: argparse.Namespace) -> tuple[float, float, float, int]:
+    """(events/s, mean batch size, worker peak MiB, duplicates) of one model node."""
+    name = unique_name("mn")
+    dag_file = stack.work / f"{name}.py"
+    dag_file.write_text(
+        DAG.format(
+            name=name,
+            rows=1024,
+            features=args.in_features,
+            path=str(path),
+            device=args.device,
+            batch=args.batch,
+            wait=args.max_wait,
+        )
+    )
+    create_topics(stack, dag_topics(load_dag(dag_file)))
+    source, sink = node_topic(name, "tx"), node_topic(name, "mlp")
+    with Workers(stack, name) as procs:
+        procs.start_abdag(dag_file)
+        out = measure_topic_run(
+            stack,
+            procs,
+            source,
+            sink,
+            event_records(),
+            args.n,
+            warmup=args.warmup,
+            keep_values=True,
+        )
+        (peak,) = procs.stop()
+    sizes = [orjson.loads(v)["outputs"]["mlp"]["batch_size"] for v in out.values.values()]
+    return out.rate(), statistics.fmean(sizes), peak, out.duplicates
+
+
+def main(argv: list[str] | None = None) -> Result:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
+    parser.add_argument("--n", type=int, default=None, help="measured events (default 10000)")
+    parser.add_argument("--batch", type=int, default=64, help="node max_batch = offline batch")
+    parser.add_argument("--max-wait", type=float, default=0.05, help="node max_wait, seconds")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--in-features", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up events")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON path")
+    args = parser.parse_args(argv)
+    args.n = args.n or (1000 if args.quick else 10_000)
+    args.warmup = args.warmup or max(4 * args.batch, 200)
+
+    torch.manual_seed(0)
+    res = Result(
+        "model_node",
+        "Model node vs offline torch vs Faust pass-through",
+        {
+            "n": args.n,
+            "batch": args.batch,
+            "max_wait": args.max_wait,
+            "device": args.device,
+            "model": f"MLP {args.in_features}-{args.hidden}-{args.hidden}-1 (TorchScript)",
+            "torch_threads": torch.get_num_threads(),
+            "quick": args.quick,
+        },
+    )
+    print(f"model node bench: {res.params}", flush=True)
+    with local_stack() as stack:
+        example = torch.randn(args.in_features)
+        path = _save(MLP(args.in_features, args.hidden).eval(), "torchscript", stack.work, example)
+        fwd1, run1 = offline(path, args)
+        rate, mean_batch, peak, dups = node_run(stack, path, args)
+        fwd2, run2 = offline(path, args)
+        fwd, run = (fwd1 + fwd2) / 2, (run1 + run2) / 2
+        make = event_records()
+        plain = passthrough_run(stack, make, args.n, mode="plain")
+        batched = passthrough_run(stack, make, args.n, mode="batched")
+
+    sec = "throughput"
+    res.add(sec, "offline torch forward", fwd, "items/s", note=f"{fmt(fwd1)} / {fmt(fwd2)}")
+    res.add(sec, "offline BatchRunner.run", run, "items/s", note=f"{fmt(run1)} / {fmt(run2)}")
+    res.add(
+        sec,
+        "model node (abdag worker)",
+        rate,
+        "events/s",
+        ratio=ratio(rate, run),
+        vs="offline runner",
+        note=f"mean batch {mean_batch:.1f}, re-delivered {dups}",
+    )
+    res.add(sec, "model node", rate, "events/s", ratio=ratio(rate, fwd), vs="offline forward")
+    res.add(
+        sec, "pass-through, plain", plain.rate, "events/s", note=f"peak {plain.peak_mb:.0f} MiB"
+    )
+    res.add(
+        sec,
+        "pass-through, batched (take+gather)",
+        batched.rate,
+        "events/s",
+        note=f"peak {batched.peak_mb:.0f} MiB",
+    )
+    res.add(sec, "model node", rate, "events/s", ratio=ratio(rate, plain.rate), vs="pass-through")
+    res.add(
+        sec,
+        "offline runner (model-boundness)",
+        run,
+        "items/s",
+        ratio=ratio(run, plain.rate),
+        vs="pass-through",
+        note="<< 1: the model, not Faust, bounds the node",
+    )
+    res.add("memory", "model node worker peak RSS", peak, "MiB")
+    target = ratio(rate, run)
+    if target is not None:
+        res.note(
+            f"model node / offline runner = {target:.2f} (target >= 0.9 in the model-bound case)"
+        )
+    res.save(args.results)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A minimal Faust pass-through worker: the reference every node is compared against.
+
+One agent consumes raw bytes from one topic and sends the same key and value to another,
+with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`,
+so ``producer_max_batch_size=1`` on Tansu). Two forms:
+
+* ``plain``: ``async for event in stream.events(): await out.send(...)``, the textbook agent;
+* ``batched``: ``stream.take_events(500, within=0.05)`` then ``asyncio.gather`` of the sends,
+  the form abdag's own agents use (agents/app.py);
+* ``take_seq``: the same ``take_events`` batches, each send awaited in turn.
+
+Run (broker and data dir from ``ABDAG_*`` like ``abdag worker``)::
+
+    python -m bench.passthrough --app-id ID --source IN_TOPIC --sink OUT_TOPIC [--mode batched]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import faust
+
+from abdag.settings import Settings
+from agents.config import faust_settings
+from bench._harness import PARTITIONS
+
+TAKE_MAX = 500
+TAKE_WITHIN = 0.05
+
+
+def build_app(settings: Settings, app_id: str, source: str, sink: str, mode: str) -> faust.App:
+    app = faust.App(app_id, **faust_settings(settings, partitions=PARTITIONS, app_id=app_id))
+    src = app.topic(source, key_type=bytes, value_type=bytes, partitions=PARTITIONS)
+    out = app.topic(sink, key_type=bytes, value_type=bytes, partitions=PARTITIONS)
+
+    if mode == "plain":
+
+        @app.agent(src, name="passthrough")
+        async def passthrough(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                await out.send(key=event.key, value=event.value)
+
+    elif mode == "batched":
+
+        @app.agent(src, name="passthrough")
+        async def passthrough_batched(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+                await asyncio.gather(*(out.send(key=e.key, value=e.value) for e in events))
+
+    else:
+
+        @app.agent(src, name="passthrough")
+        async def passthrough_take_seq(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+                for e in events:
+                    await out.send(key=e.key, value=e.value)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app-id", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--sink", required=True)
+    parser.add_argument("--mode", choices=("plain", "batched", "take_seq"), default="plain")
+    args = parser.parse_args(argv)
+    app = build_app(Settings.from_env(), args.app_id, args.source, args.sink, args.mode)
+    sys.argv = ["bench-passthrough", "worker", "--loglevel", "warn", "--without-web"]
+    app.main()
+
+
+if __name__ == "__main__":
+    main()
