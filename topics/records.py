@@ -23,6 +23,7 @@ import orjson
 
 SCHEMA_VERSION = 1
 MAX_REQUEST_ID_LEN = 200
+MAX_EVENT_BYTES = 512 * 1024  # larger events are refused at the DAG entry, not carried on
 
 
 class BadRecord(ValueError):
@@ -168,6 +169,8 @@ def request_from_raw(value: bytes | None, key: bytes | None, now: float) -> Even
     an abdag envelope. The request id is kept when the producer gave one (in the body or as
     the Kafka key) and assigned here otherwise: this is the one place ids are made.
     """
+    if value is not None and len(value) > MAX_EVENT_BYTES:
+        raise BadRecord("too large", f"{len(value)} bytes; the limit is {MAX_EVENT_BYTES}")
     obj = _load(value)
     if "v" in obj and "kind" in obj:
         return decode_event(value)

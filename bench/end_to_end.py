@@ -1,0 +1,310 @@
+"""End-to-end: requests/s and latency of the A/B DAG, scale-out, and many experiments.
+
+All on one private stack (bench._harness.local_stack), in one run:
+
+1. **throughput**: one ``abdag worker`` on ``tests.experiments.COMPARE_DAG`` (two small
+   TorchScript fraud models, labels produced before the requests). Requests/s =
+   n / wall time from the first produce call until all n paired+labelled rows are visible
+   in ClickHouse (polled every 0.25 s), so it includes the pipeline's fill and the pairs
+   sink's batching. Against bench.passthrough (``plain``) on the same request bytes.
+2. **latency**: the same warm worker; requests produced at a fixed rate (``--rate``, default
+   200/s) with ``ts`` set by the producer at send time, no labels. Latency per request =
+   ``paired_ts - request_ts`` from ``pairs FINAL`` (produce -> pair emitted by the
+   comparison node; the sink's batching, up to 0.5 s, comes after). p50 and p99.
+3. **scale-out**: a model-bound A/B DAG (two MLPs ``in -> hidden -> hidden -> 1``,
+   bench.offline_torch.MLP, inputs picked by index from a fixed matrix, no labels) with
+   1 worker, then 2 workers. Each worker runs with ``OMP_NUM_THREADS=--threads`` (default
+   1: torch's own threads would otherwise take both cores for one worker). Pairs/s =
+   (n - 1) / span of ``paired_ts``, after warm-up rounds that show pairs from every
+   worker. The offline ceiling of one worker (both models, same threads, batch 64, via
+   bench.offline_torch.runner_throughput) is printed to show how model-bound it is.
+4. **many experiments**: a generated DAG with M comparisons of the same two small model
+   nodes (no labels), M in ``--experiments`` (default 1,10,50): requests/s (wall, until all
+   n x M pairs are visible), pair rows/s, the worker's peak RSS and its start-up time
+   (worker start -> the first warm-up pairs of every experiment visible).
+
+Peak RSS is VmHWM of each worker process. Run:
+``.venv/bin/python -m bench.end_to_end [--quick] [--n 5000] [--rate 200] [--duration 20]
+[--scale-n 2000] [--hidden 8192] [--threads 1] [--experiments 1,10,50] [--device auto]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from abdag.demo.fraud import train_models
+from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
+from bench._harness import Result, Stack, Workers, local_stack, passthrough_run, ratio, unique_name
+from bench.offline_torch import MLP, _save, runner_throughput
+from models import BatchRunner, load_model
+from tests.experiments import write_compare_dag
+
+BIG_AB_DAG = """
+import torch
+from agents import Dag
+
+X = torch.randn(1024, {features}, generator=torch.Generator().manual_seed(0))
+
+
+def features(event):
+    return X[int(event.payload["i"]) % 1024]
+
+
+dag = Dag({name!r}, partitions=4)
+tx = dag.source("tx", example={{"i": 0}})
+a = dag.model("model_a", tx, path={a!r}, inputs=features, device={device!r}, max_batch=64,
+              max_wait=0.05)
+b = dag.model("model_b", tx, path={b!r}, inputs=features, device={device!r}, max_batch=64,
+              max_wait=0.05)
+dag.compare("ab", a=a, b=b, task="binary", join_timeout=30.0)
+"""
+
+MANY_DAG_HEAD = """
+from abdag.demo.fraud import features_tensor
+from agents import Dag
+
+dag = Dag({name!r}, partitions=4)
+tx = dag.source("tx")
+
+
+def features(event):
+    return features_tensor(event.payload)
+
+
+a = dag.model("model_a", tx, path={a!r}, inputs=features)
+b = dag.model("model_b", tx, path={b!r}, inputs=features)
+"""
+
+
+def many_dag(path: Path, name: str, models: tuple[Path, Path], m: int) -> AbDag:
+    """Write a DAG file with ``m`` comparisons ``ab0..ab{m-1}`` of the same two models."""
+    lines = [MANY_DAG_HEAD.format(name=name, a=str(models[0]), b=str(models[1]))]
+    names = [f"ab{i}" for i in range(m)]
+    lines += [f'dag.compare("{c}", a=a, b=b, task="binary", join_timeout=30.0)' for c in names]
+    path.write_text("\n".join(lines) + "\n")
+    return AbDag(name, path, names, has_labels=False)
+
+
+def throughput_and_latency(
+    stack: Stack, models: tuple[Path, Path], args: argparse.Namespace, res: Result
+) -> None:
+    stream = FraudStream()
+    name = unique_name("e2e")
+    dag = AbDag(name, write_compare_dag(stack.work / f"{name}.py", name, models), ["ab"])
+    dag.create_topics(stack)
+    with Workers(stack, name) as procs:
+        procs.start_abdag(dag.file)
+        warm_up(stack, procs, dag, stream, count=args.warmup)
+        run = measure(stack, procs, dag, stream, args.n, labels=True)
+        count = int(args.rate * args.duration)
+        lat = measure(stack, procs, dag, stream, count, labels=False, rate=args.rate, prefix="l-")
+        (peak,) = procs.stop()
+    plain = passthrough_run(stack, stream.request, args.n, mode="plain")
+
+    sec = "throughput (1 worker, fraud A/B DAG, labels)"
+    res.add(
+        sec,
+        "A/B DAG end to end (wall, until in ClickHouse)",
+        run.wall_rate,
+        "requests/s",
+        ratio=ratio(run.wall_rate, plain.rate),
+        vs="pass-through plain",
+        note=f"{run.requests} requests in {run.wall_s:.1f} s",
+    )
+    res.add(
+        sec,
+        "A/B DAG pairs (paired_ts span)",
+        run.stats.rate,
+        "pairs/s",
+        ratio=ratio(run.stats.rate, plain.rate),
+        vs="pass-through plain",
+    )
+    res.add(sec, "pass-through, plain", plain.rate, "events/s")
+    res.add(sec, "A/B DAG worker peak RSS", peak, "MiB")
+
+    sec = f"latency at {args.rate:g} requests/s for {args.duration:g} s (no labels)"
+    achieved = lat.requests / max(lat.wall_s, 1e-9)
+    res.add(sec, "p50 produce -> pair", lat.stats.p50_ms, "ms")
+    res.add(sec, "p99 produce -> pair", lat.stats.p99_ms, "ms")
+    res.add(
+        sec,
+        "requests paired / wall (incl. drain)",
+        achieved,
+        "requests/s",
+        note=f"{lat.stats.n} pairs; a backlog shows as p99 near the run length",
+    )
+
+
+def offline_ceiling(paths: tuple[Path, Path], args: argparse.Namespace) -> float:
+    """Requests/s one worker could do if only the two models ran (same threads, batch 64)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or before)
+    try:
+        rates = []
+        for path in paths:
+            model = load_model(path, name="mlp", device=args.device)
+            example = torch.randn(args.in_features)
+            runner = BatchRunner(model, None, "sigmoid")
+            n = 320 if args.quick else 1280
+            rates.append(runner_throughput(runner, 64, n, example, warmup=2))
+    finally:
+        torch.set_num_threads(before)
+    return 1.0 / sum(1.0 / r for r in rates)
+
+
+def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
+    paths = []
+    for k in (0, 1):
+        torch.manual_seed(k)
+        folder = stack.work / f"big{k}"
+        folder.mkdir()
+        example = torch.randn(args.in_features)
+        paths.append(
+            _save(MLP(args.in_features, args.hidden).eval(), "torchscript", folder, example)
+        )
+    ceiling = offline_ceiling((paths[0], paths[1]), args)
+    stream = IndexStream(size=16)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    rates: dict[int, float] = {}
+    sec = (
+        f"scale-out (model-bound A/B: 2 x MLP {args.in_features}-{args.hidden}-{args.hidden}-1, "
+        f"{args.threads or 'default'} torch thread(s) per worker)"
+    )
+    for workers in (1, 2):
+        name = unique_name(f"sc{workers}")
+        file = stack.work / f"{name}.py"
+        file.write_text(
+            BIG_AB_DAG.format(
+                name=name,
+                features=args.in_features,
+                a=str(paths[0]),
+                b=str(paths[1]),
+                device=args.device,
+            )
+        )
+        dag = AbDag(name, file, ["ab"], has_labels=False)
+        dag.create_topics(stack)
+        with Workers(stack, name) as procs:
+            procs.start_abdag(dag.file, workers, **env)
+            warm_up(stack, procs, dag, stream, count=args.warmup, workers=workers, labels=False)
+            run = measure(stack, procs, dag, stream, args.scale_n, labels=False)
+            peaks = procs.stop()
+        rates[workers] = run.stats.rate
+        res.add(
+            sec,
+            f"{workers} worker(s)",
+            run.stats.rate,
+            "pairs/s",
+            ratio=ratio(run.stats.rate, rates[1]) if workers > 1 else None,
+            vs="1 worker" if workers > 1 else None,
+            note=f"pairs from {run.stats.workers} worker(s); peak RSS "
+            + ", ".join(f"{p:.0f}" for p in peaks)
+            + " MiB",
+        )
+    res.add(
+        sec,
+        "offline ceiling of 1 worker (both models)",
+        ceiling,
+        "requests/s",
+        ratio=ratio(rates[1], ceiling),
+        vs="(1 worker / ceiling)",
+    )
+
+
+def many_experiments(
+    stack: Stack, models: tuple[Path, Path], args: argparse.Namespace, res: Result
+) -> None:
+    stream = FraudStream()
+    sec = "many experiments (1 worker, M comparisons of the same 2 small models, no labels)"
+    base: float | None = None
+    for m in args.experiments:
+        name = unique_name(f"many{m}-")
+        dag = many_dag(stack.work / f"{name}.py", name, models, m)
+        dag.create_topics(stack)
+        with Workers(stack, name) as procs:
+            started = time.monotonic()
+            procs.start_abdag(dag.file)
+            warm_up(stack, procs, dag, stream, count=args.many_warmup, labels=False)
+            startup = time.monotonic() - started
+            run = measure(stack, procs, dag, stream, args.many_n, labels=False)
+            (peak,) = procs.stop()
+        base = base or run.wall_rate
+        res.add(
+            sec,
+            f"M={m}: requests/s (wall, all M pairs in ClickHouse)",
+            run.wall_rate,
+            "requests/s",
+            ratio=ratio(run.wall_rate, base),
+            vs=f"M={args.experiments[0]}",
+            note=f"{run.stats.n} pair rows, {run.stats.n / run.wall_s:,.0f} rows/s",
+        )
+        res.add(sec, f"M={m}: worker peak RSS", peak, "MiB", note=f"start-up {startup:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> Result:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
+    parser.add_argument("--n", type=int, default=None, help="throughput requests (5000)")
+    parser.add_argument("--rate", type=float, default=200.0, help="latency run requests/s")
+    parser.add_argument("--duration", type=float, default=None, help="latency run seconds (20)")
+    parser.add_argument("--scale-n", type=int, default=None, help="scale-out requests (2000)")
+    parser.add_argument("--in-features", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=8192, help="scale-out MLP width")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads/worker (0: default)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--experiments", default=None, help="M values, comma-separated (1,10,50)")
+    parser.add_argument("--many-n", type=int, default=None, help="requests per M run (1000)")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--many-warmup", type=int, default=20)
+    parser.add_argument("--skip", default="", help="comma-separated: e2e,scale,many")
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args(argv)
+    q = args.quick
+    args.n = args.n or (600 if q else 5000)
+    args.duration = args.duration or (3.0 if q else 20.0)
+    args.scale_n = args.scale_n or (300 if q else 2000)
+    args.many_n = args.many_n or (200 if q else 1000)
+    args.experiments = [
+        int(x) for x in (args.experiments or ("1,3" if q else "1,10,50")).split(",")
+    ]
+    skip = set(filter(None, args.skip.split(",")))
+
+    res = Result(
+        "end_to_end",
+        "End to end: A/B DAG throughput and latency, scale-out, many experiments",
+        {
+            k: getattr(args, k)
+            for k in (
+                "n",
+                "rate",
+                "duration",
+                "scale_n",
+                "in_features",
+                "hidden",
+                "threads",
+                "device",
+                "experiments",
+                "many_n",
+                "quick",
+            )
+        },
+    )
+    print(f"end-to-end bench: {res.params}", flush=True)
+    with local_stack() as stack:
+        models = train_models(stack.work / "models", seed=7)
+        if "e2e" not in skip:
+            throughput_and_latency(stack, models, args, res)
+        if "scale" not in skip:
+            scale_out(stack, args, res)
+        if "many" not in skip:
+            many_experiments(stack, models, args, res)
+    res.save(args.results)
+    return res
+
+
+if __name__ == "__main__":
+    main()
