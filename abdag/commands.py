@@ -241,31 +241,27 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@command("promote")
-def promote(args: argparse.Namespace, settings: Settings) -> int:
+def _record_decision(args: argparse.Namespace, settings: Settings, action: str) -> int:
     from abdag.cli import UserError
     from abdag.clickhouse import connect
-    from comparators.decisions import PromotionRefused, decide_promotion
+    from comparators.decisions import PromotionRefused, decide_promotion, decide_retirement
 
+    decide = decide_promotion if action == "promote" else decide_retirement
     try:
-        d = decide_promotion(connect(settings), args.experiment, force=args.force, note=args.note)
+        d = decide(connect(settings), args.experiment, force=args.force, note=args.note)
     except PromotionRefused as exc:
         raise UserError(str(exc)) from None
     forced = " (forced, against the verdict: recorded)" if d.forced else ""
-    print(f"{d.experiment}: B is now the served model{forced}; verdict {d.verdict!r}")
+    what = "B is now the served model" if action == "promote" else "challenger retired"
+    print(f"{d.experiment}: {what}{forced}; verdict {d.verdict!r}")
     return 0
+
+
+@command("promote")
+def promote(args: argparse.Namespace, settings: Settings) -> int:
+    return _record_decision(args, settings, "promote")
 
 
 @command("retire")
 def retire(args: argparse.Namespace, settings: Settings) -> int:
-    from abdag.cli import UserError
-    from abdag.clickhouse import connect
-    from comparators.decisions import PromotionRefused, decide_retirement
-
-    try:
-        d = decide_retirement(connect(settings), args.experiment, force=args.force, note=args.note)
-    except PromotionRefused as exc:
-        raise UserError(str(exc)) from None
-    forced = " (forced, against the verdict: recorded)" if d.forced else ""
-    print(f"{d.experiment}: challenger retired{forced}; verdict {d.verdict!r}")
-    return 0
+    return _record_decision(args, settings, "retire")

@@ -145,7 +145,7 @@ def warm_up(
             prefix,
             expect,
             stage=stage,
-            timeout=drain_timeout(expect, 20),
+            timeout=120 + drain_timeout(expect, 20),  # the first round waits for start-up
             procs=procs,
         )
         if seen < expect:

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--threads", type=int, default=1, help="torch threads/worker (0: default)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--experiments", default=None, help="M values, comma-separated (1,10,50)")
-    parser.add_argument("--many-n", type=int, default=None, help="requests per M run (1000)")
+    parser.add_argument("--many-n", type=int, default=None, help="requests per M run (500)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--many-warmup", type=int, default=20)
     parser.add_argument("--skip", default="", help="comma-separated: e2e,scale,many")
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> Result:
     args.n = args.n or (600 if q else 5000)
     args.duration = args.duration or (3.0 if q else 20.0)
     args.scale_n = args.scale_n or (300 if q else 2000)
-    args.many_n = args.many_n or (200 if q else 1000)
+    args.many_n = args.many_n or (200 if q else 500)
     args.experiments = [
         int(x) for x in (args.experiments or ("1,3" if q else "1,10,50")).split(",")
     ]

@@ -23,9 +23,9 @@ from topics import input_topic
 from topics.producer import produce
 
 pytestmark = pytest.mark.slow
-N = 3000
-DROP_B = 60  # requests model B refuses: they must end as unpaired 'missing_b'
-EARLY_LABELS = 500  # labels produced before their requests
+N = 2000
+DROP_B = 40  # requests model B refuses: they must end as unpaired 'missing_b'
+EARLY_LABELS = 300  # labels produced before their requests
 
 
 @pytest.fixture(scope="module")

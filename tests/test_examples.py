@@ -91,11 +91,10 @@ def test_multimodal_shadow_copies_fusion_to_read_text_b(mm_dag: Dag) -> None:
     assert isinstance(shadow, ModelNode) and isinstance(fusion, ModelNode)
     assert shadow.inputs == ("text_b",)
     assert shadow.replaces == "fusion"
-    assert (shadow.path, shadow.output, shadow.build_input) == (
-        fusion.path,
-        fusion.output,
-        fusion.build_input,
-    )
+    assert (shadow.path, shadow.output) == (fusion.path, fusion.output)
+    probe = Event("r", 0.0, {}, {"image": {"output": [0.5]}, "text_b": {"output": [1.0, 2.0]}})
+    image, text = shadow.build_input(probe)
+    assert image.tolist() == [0.5] and text.tolist() == [1.0, 2.0]
     compare = mm_dag.nodes["ctr_ab"]
     assert isinstance(compare, Comparison)
     assert (compare.a, compare.b, compare.labels, compare.task) == (

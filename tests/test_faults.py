@@ -70,7 +70,7 @@ def test_ten_thousand_malformed_events_are_dead_lettered_and_good_ones_compared_
         raw_templates, feature_templates = _draw_templates()
     name = f"f{uuid.uuid4().hex[:8]}"
     dag_file = write_compare_dag(tmp_path / "dag.py", name, fraud_models)
-    good, labels = generate(1500, seed=51)
+    good, labels = generate(1000, seed=51)
     undecodable = [_undecodable(raw_templates[i % 20], i) for i in range(4000)]
     wrong_types = [
         orjson.dumps({"request_id": f"bad-{i}", "features": feature_templates[i % 20]})
@@ -93,18 +93,18 @@ def test_ten_thousand_malformed_events_are_dead_lettered_and_good_ones_compared_
     try:
         produce_raw(stack.broker, input_topic(name, "tx"), traffic)
         produce_raw(stack.broker, input_topic(name, "labels"), label_msgs + bad_labels)
-        counts = wait_for_counts(stack, f"{name}.ab", paired=1500, labelled=1500, timeout=240)
+        counts = wait_for_counts(stack, f"{name}.ab", paired=1000, labelled=1000, timeout=240)
         expected_dead = len(undecodable) + 2 * len(wrong_types) + len(huge) + len(bad_labels)
         dead = read_topic(stack.broker, dead_letter_topic(name), expect=expected_dead, timeout=240)
     finally:
         stop_worker(worker)
     assert worker.returncode in (0, -15), "the worker crashed"
     assert counts == {
-        "paired": 1500,
-        "labelled": 1500,
+        "paired": 1000,
+        "labelled": 1000,
         "missing_a": 0,
         "missing_b": 0,
-        "rows": 1500,
+        "rows": 1000,
     }
 
     letters = [v for _, _, v in dead]
@@ -133,7 +133,7 @@ def test_workers_joining_and_leaving_mid_stream_lose_and_double_count_nothing(
 ):
     name = f"j{uuid.uuid4().hex[:8]}"
     dag_file = write_compare_dag(tmp_path / "dag.py", name, fraud_models)
-    events, labels = generate(3000, seed=61)
+    events, labels = generate(2000, seed=61)
     label_msgs = [
         {"request_id": e["request_id"], "label": int(y)}
         for e, y in zip(events, labels, strict=True)
@@ -142,26 +142,26 @@ def test_workers_joining_and_leaving_mid_stream_lose_and_double_count_nothing(
     first = start_worker(dag_file, stack_env, tmp_path / "first.log")
     joined = None
     try:
-        produce(stack.broker, input_topic(name, "tx"), events[:1000], progress=False)
+        produce(stack.broker, input_topic(name, "tx"), events[:700], progress=False)
         wait_for_counts(stack, experiment, paired=300)
         joined = start_worker(dag_file, stack_env, tmp_path / "joined.log")  # joins
-        produce(stack.broker, input_topic(name, "tx"), events[1000:2000], rate=500, progress=False)
+        produce(stack.broker, input_topic(name, "tx"), events[700:1400], rate=500, progress=False)
         stop_worker(first)  # leaves (SIGTERM) while traffic flows
-        produce(stack.broker, input_topic(name, "tx"), events[2000:], progress=False)
+        produce(stack.broker, input_topic(name, "tx"), events[1400:], progress=False)
         produce(stack.broker, input_topic(name, "labels"), label_msgs, progress=False)
-        counts = wait_for_counts(stack, experiment, paired=3000, labelled=3000, timeout=180)
+        counts = wait_for_counts(stack, experiment, paired=2000, labelled=2000, timeout=180)
     finally:
         stop_worker(first)
         if joined is not None:
             stop_worker(joined)
     assert counts == {
-        "paired": 3000,
-        "labelled": 3000,
+        "paired": 2000,
+        "labelled": 2000,
         "missing_a": 0,
         "missing_b": 0,
-        "rows": 3000,
+        "rows": 2000,
     }
-    predictions = read_topic(stack.broker, node_topic(name, "model_a"), expect=3000)
+    predictions = read_topic(stack.broker, node_topic(name, "model_a"), expect=2000)
     workers = Counter(v["outputs"]["model_a"]["worker"] for _, _, v in predictions)
     assert len(workers) == 2, f"both workers took part: {workers}"
     report = build_report(connect(stack), experiment, n_resamples=100)
@@ -173,4 +173,4 @@ def test_workers_joining_and_leaving_mid_stream_lose_and_double_count_nothing(
         assert report.metrics["roc_auc"][col] == pytest.approx(
             skm.roc_auc_score(labels, score), rel=1e-5
         )
-    assert pair_counts(stack, experiment)["rows"] == 3000
+    assert pair_counts(stack, experiment)["rows"] == 2000

@@ -61,10 +61,10 @@ def test_two_workers_split_partitions_and_cover_every_request(
     name, dag_file = _dag(tmp_path, fraud_models)
     workers = [start_worker(dag_file, stack_env, tmp_path / f"w{i}.log") for i in range(2)]
     try:
-        time.sleep(8)  # both join the group before traffic starts
-        events, _ = generate(3000, seed=2)
+        time.sleep(6)  # both join the group before traffic starts
+        events, _ = generate(2000, seed=2)
         produce(stack.broker, input_topic(name, "tx"), events, progress=False)
-        out = _outputs(stack, name, "model_b", 3000)
+        out = _outputs(stack, name, "model_b", 2000)
     finally:
         for w in workers:
             stop_worker(w)
@@ -83,19 +83,19 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_request(stack, stack_env, tmp_pa
     survivor = start_worker(dag_file, stack_env, tmp_path / "survivor.log")
     victim = start_worker(dag_file, stack_env, tmp_path / "victim.log")
     try:
-        time.sleep(8)
-        events, _ = generate(6000, seed=3)
-        produce(stack.broker, input_topic(name, "tx"), events[:3000], progress=False)
+        time.sleep(6)
+        events, _ = generate(3000, seed=3)
+        produce(stack.broker, input_topic(name, "tx"), events[:1500], progress=False)
         stop_worker(victim, kill=True)
-        produce(stack.broker, input_topic(name, "tx"), events[3000:], progress=False)
-        out = _outputs(stack, name, "model_a", 6000, timeout=120)
+        produce(stack.broker, input_topic(name, "tx"), events[1500:], progress=False)
+        out = _outputs(stack, name, "model_a", 3000, timeout=120)
     finally:
         stop_worker(survivor)
         stop_worker(victim, kill=True)
     ids = Counter(v["request_id"] for _, _, v in out)
     missing = {e["request_id"] for e in events} - set(ids)
     redelivered = sum(c - 1 for c in ids.values())
-    print(f"\nkill -9: {len(ids)} of 6000 request ids, {redelivered} re-delivered predictions")
+    print(f"\nkill -9: {len(ids)} of 3000 request ids, {redelivered} re-delivered predictions")
     assert not missing, f"{len(missing)} requests lost"
 
 

@@ -1,0 +1,24 @@
+"""The DAG API: shadow branches for comparing at depth."""
+
+from __future__ import annotations
+
+from agents import Dag
+from agents.validate import validate
+from topics import Event
+
+
+def test_shadow_copies_the_chain_and_its_builder_reads_the_replacement():
+    dag = Dag("deep")
+    src = dag.source("q")
+    old = dag.model("embed", src, path="e1.pt", inputs=lambda e: e.payload["x"], output="raw")
+    new = dag.model("embed2", src, path="e2.pt", inputs=lambda e: e.payload["x"], output="raw")
+    rank = dag.model("rank", old, path="r.pt", inputs=lambda e: e.outputs["embed"]["output"])
+    shadow = dag.shadow(rank, replace={old: new})
+    assert shadow.name == "rank__embed2" and shadow.inputs == ("embed2",)
+    assert shadow.replaces == "rank"
+    event = Event("r", 0.0, {"x": 1}, {"embed2": {"output": [3.0]}})
+    assert shadow.build_input(event) == [3.0]  # written for A's branch, reads B's output
+    assert rank.build_input(Event("r", 0.0, {}, {"embed": {"output": [1.0]}})) == [1.0]
+    dag.compare("ab", a=rank, b=shadow)
+    validate(dag, load_models=False)
+    assert [n.name for n in dag.topological()][-1] == "ab"
