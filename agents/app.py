@@ -97,6 +97,8 @@ class DagRuntime:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="abdag")
         self.dead_topic = self.topic(dead_letter_topic(dag.name))
         self.batch_sizes: dict[str, Counter[int]] = {}
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
         self.app.service(_Stopper(self))
 
     def topic(self, name: str) -> faust.TopicT:
@@ -156,11 +158,22 @@ class DagRuntime:
             await self.dead_letter(node, err, originals[i] if i is not None else b"")
 
     def sink(self, table: str, columns: list[str]) -> ClickHouseSink:
+        return ClickHouseSink(
+            lambda: connect(self.settings),
+            table,
+            columns,
+            on_connect=self.ensure_schema,
+            stop=self.stop,
+        )
+
+    def ensure_schema(self, client: Any) -> None:
+        """Create or migrate the tables once per worker (and again after a failure)."""
         from comparators.schema import ensure_schema
 
-        return ClickHouseSink(
-            lambda: connect(self.settings), table, columns, on_connect=ensure_schema, stop=self.stop
-        )
+        with self._schema_lock:
+            if not self._schema_ready:
+                ensure_schema(client)
+                self._schema_ready = True
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -285,7 +298,11 @@ def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
 
 
 async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
-    await asyncio.gather(*(topic.send(key=k, value=v, headers=h) for k, v, h in items))
+    """Queue a batch's sends in order. Awaiting them one by one is 2-3x faster on Tansu
+    than gathering them (concurrent sends into one-record batches wake together), and
+    equally safe: a send returns once queued, and Faust flushes before committing."""
+    for k, v, h in items:
+        await topic.send(key=k, value=v, headers=h)
 
 
 def _source_agent(rt: DagRuntime, node: Source) -> None:
@@ -435,6 +452,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     pairs = rt.topic(pairs_topic(dag, node.name))
     served = rt.topic(served_topic(dag, node.name))
     control = {"promoted": False, "retired": False}
+    decision_client: dict[str, Any] = {}
     snaps = rt.topic(snapshots_topic(dag, node.name))
     table = rt.app.Table(
         f"{node.name}-join",
@@ -553,7 +571,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     @rt.app.timer(interval=2.0, name=f"{node.name}-decisions")
     async def follow_decisions() -> None:
         try:
-            decision = await rt.in_thread(_latest_decision, rt, experiment)
+            decision = await rt.in_thread(_latest_decision, rt, experiment, decision_client)
         except Exception as exc:  # noqa: BLE001 - ClickHouse away: keep the last decision
             log.debug("decisions not read: %s", exc)
             return
@@ -584,19 +602,20 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             await rt.write_rows(node.name, snap_sink, rows, originals)
 
 
-def _latest_decision(rt: DagRuntime, experiment: str):
+def _latest_decision(rt: DagRuntime, experiment: str, clients: dict[str, Any]):
+    """Read the newest decision with this comparison's own client (a ClickHouse session
+    serves one query at a time; comparisons poll concurrently)."""
     from comparators.decisions import latest_decision
-    from comparators.schema import ensure_schema
 
-    client = getattr(rt, "_control_client", None)
+    client = clients.get("client")
     if client is None:
         client = connect(rt.settings)
-        ensure_schema(client)
-        rt._control_client = client
+        rt.ensure_schema(client)
+        clients["client"] = client
     try:
         return latest_decision(client, experiment)
     except Exception:
-        rt._control_client = None
+        clients.pop("client", None)
         raise
 
 

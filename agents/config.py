@@ -8,7 +8,11 @@ Facts behind each value are in the project's broker notes:
   avoid it (Apache Kafka does not need it);
 - at-least-once, never exactly_once (Tansu refuses transactional producers); everything
   downstream tolerates re-delivery, and a short commit interval keeps re-deliveries few;
-- no standby replicas: a partition's table is recovered from its changelog when it moves.
+- no standby replicas: a partition's table is recovered from its changelog when it moves;
+- ``stream_wait_empty=False``: a rebalance does not wait for events held in a micro-batch
+  buffer (with ``take_events`` that wait can deadlock: seen as a worker stuck in
+  "wait_empty" after another was killed). Un-acknowledged events are simply re-delivered,
+  which every agent tolerates.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def faust_settings(settings: Settings, *, partitions: int, app_id: str) -> dict[
         "broker_rebalance_timeout": session,
         "broker_commit_interval": 0.2,
         "table_standby_replicas": 0,
+        "stream_wait_empty": False,
         "web_enabled": False,
         "key_serializer": "raw",
         "value_serializer": "raw",

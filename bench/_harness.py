@@ -50,7 +50,6 @@ from abdag.clickhouse import connect
 from abdag.settings import Settings
 from abdag.stack import LocalStack
 from abdag.stack.processes import free_port
-from tests.workers import start_worker
 from topics.admin import ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,29 +371,42 @@ class Workers:
         self.logs: list[Path] = []
         self.peak_mb: list[float] = []
 
-    def start_abdag(self, dag_file: Path, count: int = 1, **env: str) -> None:
-        """``count`` `abdag worker DAG_FILE` processes (tests.workers.start_worker)."""
-        for _ in range(count):
-            log = self.stack.work / f"{self.name}-{len(self.procs)}.log"
-            self.procs.append(start_worker(dag_file, self.stack.env(**env), log))
-            self.logs.append(log)
+    def start_abdag(self, dag_file: Path, count: int = 1, *, pin: bool = False, **env: str) -> None:
+        """``count`` `abdag worker DAG_FILE` processes (the argv of tests.workers.start_worker).
 
-    def start_module(self, module: str, args: Sequence[str], **env: str) -> None:
-        """``python -m module args...`` (a bench worker of our own)."""
+        ``pin``: worker i may run on CPU ``i % cores`` only (its threads included), to
+        emulate one core per worker on a small machine.
+        """
+        for i in range(count):
+            argv = ["-m", "abdag.cli", "worker", str(dag_file), "--loglevel", "warn"]
+            cpus = {i % (os.cpu_count() or 1)} if pin else None
+            self._start(argv, env, cpus)
+
+    def _start(self, args: Sequence[str], env: dict[str, str], cpus: set[int] | None) -> None:
         log = self.stack.work / f"{self.name}-{len(self.procs)}.log"
+
+        def pin() -> None:  # in the child, before exec: every thread inherits it
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                [sys.executable, *args],
                 env={**self.stack.env(**env), "PYTHONUNBUFFERED": "1"},
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=REPO,
+                preexec_fn=pin if cpus else None,
             )
         )
         fh.close()
         self.logs.append(log)
+
+    def start_module(self, module: str, args: Sequence[str], **env: str) -> None:
+        """``python -m module args...`` (a bench worker of our own)."""
+        self._start(["-m", module, *args], env, None)
 
     def check_alive(self) -> None:
         for proc, log in zip(self.procs, self.logs, strict=True):
@@ -524,7 +536,7 @@ class Result:
             "note": note,
         }
         self.rows.append(row)
-        r = f"  {ratio:6.2f}x {vs}" if ratio is not None else ""
+        r = f"  {fmt_ratio(ratio)} {vs}" if ratio is not None else ""
         print(f"[{section}] {case:<48} {fmt(value):>12} {unit}{r}  {note}".rstrip(), flush=True)
 
     def note(self, text: str) -> None:
@@ -561,6 +573,10 @@ def ratio(a: float, b: float) -> float | None:
     if not b or b != b or a != a:
         return None
     return a / b
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 def fmt(value: float) -> str:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._harness import REPO, RESULTS_DIR, command_line, fmt
+from bench._harness import REPO, RESULTS_DIR, command_line, fmt, fmt_ratio
 
 BENCHES = ("model_node", "comparison", "end_to_end")
 DOC = REPO / "docs" / "benchmarks.md"
@@ -47,7 +47,7 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 
 def run(bench: str, args: argparse.Namespace) -> Path:
     out = RESULTS_DIR / f"{bench}.json"
-    argv = [sys.executable, "-m", f"bench.{bench}", "--results", str(out)]
+    argv = [sys.executable, "-m", f"bench.{bench}", "--results", str(out.relative_to(REPO))]
     if args.quick:
         argv.append("--quick")
     if args.device and bench in ("model_node", "end_to_end"):
@@ -104,7 +104,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
                 "| --- | ---: | --- | --- | --- |",
             ]
             for row in rows:
-                rat = f"{row['ratio']:.2f}x {row['vs']}" if row.get("ratio") is not None else ""
+                has = row.get("ratio") is not None
+                rat = f"{fmt_ratio(row['ratio'])} {row['vs']}" if has else ""
                 value = fmt(row["value"]) if row["value"] is not None else "n/a"
                 lines.append(
                     f"| {row['case']} | {value} | {row['unit']} | {rat} | {row['note'] or ''} |"

@@ -65,11 +65,18 @@ class PairJoin:
         label_timeout: float,
         store: MutableMapping[str, dict[str, Any]],
         keep_done: float = 300.0,
+        rescan_every: float = 30.0,
     ) -> None:
         self.join_timeout = join_timeout
         self.label_timeout = label_timeout
         self.keep_done = keep_done
         self.store = store
+        # Deadlines kept in memory so the expiry check does not decode the whole store every
+        # second; the store is rescanned now and then to pick up entries that arrived by
+        # recovery (a partition moved here) and to forget partitions that moved away.
+        self.rescan_every = rescan_every
+        self._deadlines: dict[str, float] = {}
+        self._scanned_at = float("-inf")
 
     def offer_prediction(
         self, side: str, request_id: str, prediction: dict[str, Any], now: float
@@ -86,7 +93,7 @@ class PairJoin:
         if entry.get("a") is not None and entry.get("b") is not None:
             stage = LABELLED if entry.get("label") is not None else PAIRED
             emitted = self._emit(request_id, entry, stage)
-        self.store[request_id] = entry
+        self._put(request_id, entry)
         return emitted
 
     def offer_label(
@@ -101,8 +108,12 @@ class PairJoin:
         emitted = None
         if entry.get("a") is not None and entry.get("b") is not None:
             emitted = self._emit(request_id, entry, LABELLED)
-        self.store[request_id] = entry
+        self._put(request_id, entry)
         return emitted
+
+    def _put(self, request_id: str, entry: dict[str, Any]) -> None:
+        self.store[request_id] = entry
+        self._deadlines[request_id] = self._deadline(entry)
 
     def _emit(self, request_id: str, entry: dict[str, Any], stage: int) -> Emitted | None:
         previous = entry.get("stage", 0)
@@ -137,8 +148,11 @@ class PairJoin:
 
     def due(self, now: float) -> Iterator[str]:
         """Request ids whose entry needs attention at ``now`` (see :meth:`expire`)."""
-        for rid, entry in list(self.store.items()):
-            if self._deadline(entry) <= now:
+        if now - self._scanned_at >= self.rescan_every:
+            self._deadlines = {rid: self._deadline(e) for rid, e in list(self.store.items())}
+            self._scanned_at = now
+        for rid, deadline in list(self._deadlines.items()):
+            if deadline <= now:
                 yield rid
 
     def _deadline(self, entry: dict[str, Any]) -> float:
@@ -153,13 +167,18 @@ class PairJoin:
     def expire(self, request_id: str, now: float) -> Emitted | None:
         """Emit a request that waited too long as unpaired, or forget a finished entry."""
         entry = self.store.get(request_id)
-        if entry is None or self._deadline(entry) > now:
+        if entry is None:
+            self._deadlines.pop(request_id, None)  # gone (or its partition moved away)
+            return None
+        if self._deadline(entry) > now:
+            self._deadlines[request_id] = self._deadline(entry)
             return None
         has_side = entry.get("a") is not None or entry.get("b") is not None
         if entry.get("stage", 0) == 0 and has_side:
             emitted = self._emit(request_id, entry, UNPAIRED)
             entry["touched"] = now
-            self.store[request_id] = entry
+            self._put(request_id, entry)
             return emitted
         del self.store[request_id]
+        self._deadlines.pop(request_id, None)
         return None
