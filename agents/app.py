@@ -297,20 +297,6 @@ def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
     return rt.app, rt
 
 
-async def batches(stream: Any, max_: int, within: float):
-    """Micro-batches of events, acknowledged only once the caller has processed them.
-
-    Faust's ``take``/``take_events`` acknowledge a batch in a ``finally`` block, so a batch
-    whose processing was cancelled (a worker stopping mid-send, or blocked on ClickHouse)
-    would be committed and lost. Here the acks run only when the caller asks for the next
-    batch; a cancelled batch is re-delivered instead.
-    """
-    async for events in stream.noack_take(max_, within=within):
-        yield events
-        for event in events:
-            await stream.ack(event)
-
-
 async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
     """Queue a batch's sends in order. Awaiting them one by one is 2-3x faster on Tansu
     than gathering them (concurrent sends into one-record batches wake together), and
@@ -324,7 +310,7 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-source")
     async def source(stream):
-        async for events in batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -342,7 +328,7 @@ def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-labels")
     async def labels(stream):
-        async for events in batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -361,7 +347,7 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def transform(stream):
-        async for events in batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             ready = []
             for e in events:
                 try:
@@ -405,7 +391,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
-        async for events in batches(stream, node.max_batch, node.max_wait):
+        async for events in stream.take_events(node.max_batch, within=node.max_wait):
             decoded: list[tuple[Any, Event]] = []
             inputs = []
             for e in events:
@@ -601,15 +587,13 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.agent(pairs, name=f"{node.name}-pairs-sink")
     async def write_pairs(stream):
-        async for events in batches(stream, 5000, 0.5):
-            values = [e.value for e in events]
+        async for values in stream.take(5000, within=0.5):
             rows = [to_insert_values(orjson.loads(v)) for v in values]
             await rt.write_rows(node.name, pair_sink, rows, values)
 
     @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
     async def write_snapshots(stream):
-        async for events in batches(stream, 1000, 1.0):
-            values = [e.value for e in events]
+        async for values in stream.take(1000, within=1.0):
             rows, originals = [], []
             for v in values:
                 for r in orjson.loads(v):
@@ -640,8 +624,7 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
 
     @rt.app.agent(rt.dead_topic, name="dead-letter-sink")
     async def write_dead_letters(stream):
-        async for events in batches(stream, 1000, 1.0):
-            values = [e.value for e in events]
+        async for values in stream.take(1000, within=1.0):
             rows = []
             for v in values:
                 try:
