@@ -26,6 +26,7 @@ import orjson
 from abdag.clickhouse import connect
 from abdag.settings import Settings
 from agents.config import faust_settings
+from agents.consumer import use_resume_at_committed_consumer
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
 from comparators.decisions import served_side
 from comparators.join import PairJoin
@@ -91,6 +92,7 @@ class DagRuntime:
         self.app = faust.App(
             self.app_id, **faust_settings(settings, partitions=dag.partitions, app_id=self.app_id)
         )
+        use_resume_at_committed_consumer(self.app)
         self.worker = worker_name()
         self.dead_counts: Counter[tuple[str, str]] = Counter()
         self.stop = threading.Event()
@@ -297,6 +299,36 @@ def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
     return rt.app, rt
 
 
+async def _batches(stream: Any, max_: int, within: float):
+    """Faust's ``take_events``, except that a batch the agent did not finish is never
+    acknowledged. Faust acknowledges a batch in a ``finally``, finished or not, so a worker
+    stopping mid-batch (SIGTERM, a rebalance) would commit events it never processed; with
+    this they stay uncommitted and go to the partition's next owner."""
+    async for events in stream.take_events(max_, within=within):
+        try:
+            yield events
+        except BaseException:
+            _never_acknowledge(events)
+            raise
+
+
+async def _each(stream: Any):
+    """``stream.events()`` with the same guarantee as :func:`_batches`, one event at a time."""
+    async for event in stream.events():
+        try:
+            yield event
+        except BaseException:
+            _never_acknowledge([event])
+            raise
+
+
+def _never_acknowledge(events: list[Any]) -> None:
+    # Faust skips a message already flagged acked: its offset is never marked done, so
+    # the commit stops before it and the event is delivered again.
+    for e in events:
+        e.message.acked = True
+
+
 async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
     """Queue a batch's sends in order. Awaiting them one by one is 2-3x faster on Tansu
     than gathering them (concurrent sends into one-record batches wake together), and
@@ -310,7 +342,7 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-source")
     async def source(stream):
-        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -328,7 +360,7 @@ def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-labels")
     async def labels(stream):
-        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -347,7 +379,7 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def transform(stream):
-        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
             ready = []
             for e in events:
                 try:
@@ -391,7 +423,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
-        async for events in stream.take_events(node.max_batch, within=node.max_wait):
+        async for events in _batches(stream, node.max_batch, node.max_wait):
             decoded: list[tuple[Any, Event]] = []
             inputs = []
             for e in events:
@@ -476,7 +508,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.agent(source, name=f"{node.name}-join")
     async def compare(stream):
-        async for e in stream.events():
+        async for e in _each(stream):
             topic, partition, now = e.message.topic, e.message.partition, time.time()
             try:
                 if topic == tick_topic:
@@ -587,13 +619,15 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.agent(pairs, name=f"{node.name}-pairs-sink")
     async def write_pairs(stream):
-        async for values in stream.take(5000, within=0.5):
+        async for events in _batches(stream, 5000, 0.5):
+            values = [e.value for e in events]
             rows = [to_insert_values(orjson.loads(v)) for v in values]
             await rt.write_rows(node.name, pair_sink, rows, values)
 
     @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
     async def write_snapshots(stream):
-        async for values in stream.take(1000, within=1.0):
+        async for events in _batches(stream, 1000, 1.0):
+            values = [e.value for e in events]
             rows, originals = [], []
             for v in values:
                 for r in orjson.loads(v):
@@ -624,7 +658,8 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
 
     @rt.app.agent(rt.dead_topic, name="dead-letter-sink")
     async def write_dead_letters(stream):
-        async for values in stream.take(1000, within=1.0):
+        async for events in _batches(stream, 1000, 1.0):
+            values = [e.value for e in events]
             rows = []
             for v in values:
                 try:
