@@ -1,24 +1,18 @@
 """The Faust consumer abdag workers use: after an assignment, the first event handed to an
-agent on each partition is the one at the committed offset (or, with no commit yet, the
-partition's first record), never a later one.
+agent on each partition with a committed offset is the one at that offset, never a later one.
 
 Why: in faust 0.15.3 a new assignment resumes the flow of events to read table changelogs
 before it seeks the stream partitions to their committed offsets, so records of those
 partitions reach agents before the seek and can keep arriving after it. Faust then takes
 the distance between the committed offset and such a record for a gap in the log (as
 left by transaction markers or compaction) and marks the offsets in between as done
-without processing them, or it commits past an early record whose later neighbours were
-acknowledged first. Measured on the embedded broker: a worker restarted after ``kill -9``
-lost 1 to 24 requests of 2,000 in about one run in four; a worker taking over partitions
-skipped a label in about one run in ten.
+without processing them. Measured on the embedded broker: a worker restarted after ``kill -9``
+lost 1 to 24 requests of 2,000 in about one run in four.
 
 What this consumer does:
 
 - every assignment stops the flow until recovery has seeked and resumed it (Faust does so
   when partitions are revoked, but a fresh worker has nothing to revoke);
-- until the seek, records of stream partitions (all but the table changelogs, which
-  recovery reads) are held back, and a partition with no committed offset is sent back to
-  the first record held, so the seek decides where each partition resumes;
 - after the seek to offset ``C``, a record above ``C`` arriving first is dropped and the
   partition fetched again from ``C``. If the log really has no record at ``C`` (a
   transaction marker), the same record comes first again; after ``RESEEKS`` tries it is
@@ -65,14 +59,10 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._seeked = True
-        self._held_from: dict[TP, int] = {}
         self._resume_at: dict[TP, int] = {}
         self._reseeks: dict[TP, int] = {}
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
-        self._seeked = False
-        self._held_from.clear()
         if self.flow_active:
             self.stop_flow()  # recovery resumes it after seeking to the committed offsets
         await super().on_partitions_assigned(assigned, generation_id)
@@ -89,22 +79,11 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
             if offset is not None and offset > 0:  # the client seeks only to these
                 self._resume_at[tp] = offset
                 self._reseeks[tp] = 0
-        for tp, first_held in self._held_from.items():
-            if tp not in self._resume_at:  # no commit: start again at the first record held
-                await self._seek(tp, first_held)
-                self._resume_at[tp] = first_held
-                self._reseeks[tp] = 0
-        self._held_from.clear()
-        self._seeked = True
         return committed
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         reseeked: set[TP] = set()
-        changelogs = self.app.tables.changelog_topics
         async for tp, message in super().getmany(timeout):
-            if not self._seeked and tp.topic not in changelogs:
-                self._held_from.setdefault(tp, message.offset)
-                continue
             expected = self._resume_at.get(tp)
             if expected is not None and message.offset > expected:
                 if self._reseeks[tp] < RESEEKS:
