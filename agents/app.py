@@ -342,7 +342,9 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
             ready = []
             for e in events:
                 try:
-                    ev = request_from_raw(e.value, e.key, now)
+                    m = e.message
+                    origin = f"{m.topic}/{m.partition}/{m.offset}/{m.timestamp}"
+                    ev = request_from_raw(e.value, e.key, now, origin)
                 except BadRecord as err:
                     await rt.dead(node.name, err, e)
                     continue

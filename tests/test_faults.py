@@ -128,13 +128,6 @@ def test_ten_thousand_malformed_events_are_dead_lettered_and_good_ones_compared_
         assert report.metrics["f1"][col] == pytest.approx(skm.f1_score(y, pred))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, open: in about 1 run in 10 one label of 2,000 is skipped by the worker "
-    "that takes over (all 2,000 paired, 1,999 labelled): Faust delivered the first records of "
-    "the labels input before its seek and committed past one whose later neighbours were "
-    "acknowledged first; the SIGTERM and after-seek losses are fixed (see the issue note)",
-)
 def test_workers_joining_and_leaving_mid_stream_lose_and_double_count_nothing(
     stack, stack_env, tmp_path, fraud_models
 ):

@@ -162,19 +162,38 @@ def _request_id(obj: dict[str, Any], key: bytes | None) -> str | None:
     return rid
 
 
-def request_from_raw(value: bytes | None, key: bytes | None, now: float) -> Event:
+_ASSIGNED_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "abdag:request-id")
+
+
+def _assigned_id(origin: str | None) -> str:
+    if origin is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_ASSIGNED_IDS, origin).hex
+
+
+def request_from_raw(
+    value: bytes | None, key: bytes | None, now: float, origin: str | None = None
+) -> Event:
     """Turn what a user produced to an input topic into an :class:`Event`.
 
     Accepts a plain JSON object (the payload, optionally with ``request_id`` and ``ts``) or
     an abdag envelope. The request id is kept when the producer gave one (in the body or as
     the Kafka key) and assigned here otherwise: this is the one place ids are made.
+
+    ``origin`` names the record in the log (topic, partition, offset, timestamp). An id
+    assigned from it is the same each time the record is read, so a record read twice
+    (after a rebalance or a crash) is still one request; without it the id is random.
+
+    >>> a = request_from_raw(b'{"x": 1}', None, 5.0, origin="in/0/17/1700000000000")
+    >>> a.request_id == request_from_raw(b'{"x": 1}', None, 9.0, "in/0/17/1700000000000").request_id
+    True
     """
     if value is not None and len(value) > MAX_EVENT_BYTES:
         raise BadRecord("too large", f"{len(value)} bytes; the limit is {MAX_EVENT_BYTES}")
     obj = _load(value)
     if "v" in obj and "kind" in obj:
         return decode_event(value)
-    rid = _request_id(obj, key) or uuid.uuid4().hex
+    rid = _request_id(obj, key) or _assigned_id(origin)
     ts = obj.get("ts", now)
     if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
         raise BadRecord("bad timestamp", f"ts must be epoch seconds, got {ts!r}", rid)
