@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from abdag.cli import command
 from abdag.settings import Settings
@@ -61,10 +62,16 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
 def worker(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
+    from abdag.cli import UserError
     from agents.app import build_app
     from agents.topology import dag_topics
+    from models import ModelError, apply_cpu_threads
     from topics.admin import ensure_topics
 
+    try:
+        apply_cpu_threads(os.environ.get("ABDAG_TORCH_THREADS"))
+    except ModelError as exc:
+        raise UserError(str(exc)) from exc
     dag = _load_valid_dag(args.dag_file)
     ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
     app, _ = build_app(dag, settings)

@@ -25,8 +25,12 @@ printed to say how model-bound the case is. (On a 2-core AMD EPYC, 512-2048-2048
 ~5,500 items/s offline at batch 64, faster than Faust passes events through, so it is not
 model-bound there; 8192 wide runs at ~450 items/s. On a GPU every width here is Faust-bound.)
 
+``--torch-threads N`` gives torch N CPU threads on both sides (offline, and the worker via
+``ABDAG_TORCH_THREADS``): with every core given to torch, the worker's event loop and the
+model take turns; with one core left free they overlap.
+
 Run: ``.venv/bin/python -m bench.model_node [--quick] [--n 10000] [--batch 64]
-[--device auto|cpu|cuda] [--hidden 2048]``.
+[--device auto|cpu|cuda] [--hidden 2048] [--torch-threads N]``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from bench._harness import (
     unique_name,
 )
 from bench.offline_torch import MLP, _save, offline_throughput, runner_throughput
-from models import BatchRunner, load_model
+from models import BatchRunner, apply_cpu_threads, load_model
 from topics import Event, encode, node_topic
 
 DAG = """
@@ -119,7 +123,10 @@ def node_run(stack: Stack, path: Path, args: argparse.Namespace) -> tuple[float,
     create_topics(stack, dag_topics(load_dag(dag_file)))
     source, sink = node_topic(name, "tx"), node_topic(name, "mlp")
     with Workers(stack, name) as procs:
-        procs.start_abdag(dag_file)
+        threads = (
+            {} if args.torch_threads is None else {"ABDAG_TORCH_THREADS": str(args.torch_threads)}
+        )
+        procs.start_abdag(dag_file, **threads)
         out = measure_topic_run(
             stack,
             procs,
@@ -144,6 +151,13 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--in-features", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=8192, help="MLP width (see docstring)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads offline and in the worker (ABDAG_TORCH_THREADS); "
+        "default torch's own, one per core",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up events")
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
     args = parser.parse_args(argv)
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> Result:
     args.warmup = args.warmup or max(4 * args.batch, 200)
 
     torch.manual_seed(0)
+    apply_cpu_threads(args.torch_threads)
     res = Result(
         "model_node",
         "Model node vs offline torch vs Faust pass-through",

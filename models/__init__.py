@@ -6,7 +6,7 @@ in one forward call, turning every failure into a per-item reason.
 """
 
 from models.batching import OUTPUT_KINDS, BatchRunner, ItemInput, ItemResult, OutputKind, TensorSpec
-from models.device import resolve_device
+from models.device import apply_cpu_threads, resolve_device
 from models.errors import ModelError
 from models.loading import (
     FORMATS,
@@ -31,5 +31,6 @@ __all__ = [
     "file_version",
     "import_class",
     "load_model",
+    "apply_cpu_threads",
     "resolve_device",
 ]

@@ -40,3 +40,27 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if index >= count:
         raise ModelError(f"device {spec!r} requested but only {count} CUDA device(s) exist")
     return torch.device("cuda", index)
+
+
+def apply_cpu_threads(value: str | int | None) -> int | None:
+    """Give torch ``value`` CPU threads (``ABDAG_TORCH_THREADS``); empty keeps torch's
+    default of one per core. Returns the number set, or None.
+
+    A worker shares the CPU between inference and its event loop (fetching, decoding,
+    sending). With every core given to torch the two take turns; with a core left to the
+    event loop, the next batch is fetched and the last one sent while the model runs.
+
+    >>> apply_cpu_threads(None) is None
+    True
+    >>> apply_cpu_threads("zero")
+    Traceback (most recent call last):
+    ...
+    models.errors.ModelError: ABDAG_TORCH_THREADS must be a whole number >= 1, got 'zero'
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ModelError(f"ABDAG_TORCH_THREADS must be a whole number >= 1, got {value!r}")
+    torch.set_num_threads(int(text))
+    return int(text)

@@ -563,3 +563,19 @@ def test_non_tensor_items_and_empty_input_are_handled(tmp_path):
     assert results[0].reason == "not a tensor: list"
     assert results[1].ok
     assert results[1].score == pytest.approx(torch.sigmoid(loaded.module.linear.bias).item())
+
+
+def test_torch_threads_setting_sets_torch_cpu_threads_and_refuses_bad_values():
+    from models import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert apply_cpu_threads(" ") is None
+        assert torch.get_num_threads() == before
+        assert apply_cpu_threads("1") == 1
+        assert torch.get_num_threads() == 1
+        for bad in ("0", "-2", "two", "1.5"):
+            with pytest.raises(ModelError, match="ABDAG_TORCH_THREADS must be a whole number"):
+                apply_cpu_threads(bad)
+    finally:
+        torch.set_num_threads(before)
