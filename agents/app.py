@@ -299,29 +299,44 @@ def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
     return rt.app, rt
 
 
-async def _batches(stream: Any, max_: int, within: float):
+class _Batches:
     """Faust's ``take_events``, except that a batch the agent did not finish is never
     acknowledged.
 
     Faust acknowledges a batch in a ``finally``, finished or not, and closes that generator
     when a stopping worker stops its agents, just before the final commit: a worker stopped
     with SIGTERM mid-batch committed events it never sent on (46 of 2,000 requests in one
-    join/leave run). Here the stream's ``ack`` skips the events of a batch still in
-    progress, so they stay uncommitted and go to the partition's next owner.
+    join/leave run). Here the stream's ``ack`` skips the events of a batch still open, so
+    they stay uncommitted and go to the partition's next owner.
+
+    A batch is finished when the agent asks for the next one, or, with ``by_hand``, when
+    the agent calls :meth:`finish` (so it may work on the next batch meanwhile).
     """
-    in_progress: set[int] = set()
-    acknowledge = stream.ack
 
-    async def ack_finished(event: Any) -> bool:
-        if id(event) in in_progress:
+    def __init__(self, stream: Any, max_: int, within: float, *, by_hand: bool = False) -> None:
+        self.stream, self.max_, self.within, self.by_hand = stream, max_, within, by_hand
+        self._open: set[int] = set()
+        self._acknowledge = stream.ack
+        stream.ack = self._ack_if_finished  # take_events calls self.ack for each event
+
+    async def _ack_if_finished(self, event: Any) -> bool:
+        if self.by_hand or id(event) in self._open:
             return False
-        return await acknowledge(event)
+        return await self._acknowledge(event)
 
-    stream.ack = ack_finished  # take_events calls self.ack for each event of a batch
-    async for events in stream.take_events(max_, within=within):
-        in_progress.update(id(e) for e in events)
-        yield events
-        in_progress.clear()  # the agent asked for the next batch: this one is done
+    async def finish(self, events: list[Any]) -> None:
+        """Acknowledge a batch the agent is done with (``by_hand`` only)."""
+        for e in events:
+            await self._acknowledge(e)
+
+    async def __aiter__(self):
+        async for events in self.stream.take_events(self.max_, within=self.within):
+            if self.by_hand:
+                yield events
+                continue
+            self._open.update(id(e) for e in events)
+            yield events
+            self._open.clear()  # the agent asked for the next batch: this one is done
 
 
 async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
@@ -337,7 +352,7 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-source")
     async def source(stream):
-        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -357,7 +372,7 @@ def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
 
     @rt.app.agent(rt.topic(input_topic(rt.dag.name, node.name)), name=f"{node.name}-labels")
     async def labels(stream):
-        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -376,7 +391,7 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def transform(stream):
-        async for events in _batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             ready = []
             for e in events:
                 try:
@@ -418,53 +433,74 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         async def follow_registry() -> None:
             await rt.in_thread(slot.reload_if_newer)
 
+    def decode(e: Any) -> tuple[Event, Any]:
+        ev = decode_event(e.value)
+        try:
+            return ev, node.build_input(ev)
+        except BadRecord:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's input builder failed
+            raise BadRecord("bad input", f"{type(exc).__name__}: {exc}", ev.request_id) from exc
+
+    async def publish(batches: _Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
+        """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
+        it: only then may its offsets be committed."""
+        results, latency_ms, version = inferred
+        now = time.time()
+        ready = []
+        for (e, ev), res in zip(decoded, results, strict=True):
+            if not res.ok:
+                reason = res.reason or "model error"
+                code = "model error" if reason.startswith("model") else "bad input"
+                await rt.dead(node.name, BadRecord(code, reason, ev.request_id), e)
+                continue
+            ev.outputs[node.name] = asdict(
+                Prediction(
+                    model=node.name,
+                    version=version,
+                    output=res.output,
+                    score=res.score,
+                    label=res.label,
+                    latency_ms=latency_ms,
+                    worker=rt.worker,
+                    batch_size=len(decoded),
+                    ts=now,
+                )
+            )
+            ready.append((ev.request_id.encode(), encode(ev), e.headers))
+        await _send_all(out, ready)
+        await batches.finish(events)
+
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
-        async for events in _batches(stream, node.max_batch, node.max_wait):
-            decoded: list[tuple[Any, Event]] = []
-            inputs = []
-            for e in events:
-                try:
-                    ev = decode_event(e.value)
+        # Batch k is sent on while batch k+1 is inferred (in the executor thread), so the
+        # event loop's work and the model's overlap when torch leaves a core free.
+        batches = _Batches(stream, node.max_batch, node.max_wait, by_hand=True)
+        publishing: asyncio.Future | None = None
+        try:
+            async for events in batches:
+                decoded: list[tuple[Any, Event]] = []
+                inputs = []
+                for e in events:
                     try:
-                        x = node.build_input(ev)
-                    except BadRecord:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - the user's input builder failed
-                        raise BadRecord(
-                            "bad input", f"{type(exc).__name__}: {exc}", ev.request_id
-                        ) from exc
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e)
+                        ev, x = decode(e)
+                    except BadRecord as err:
+                        await rt.dead(node.name, err, e)
+                        continue
+                    decoded.append((e, ev))
+                    inputs.append(x)
+                inference = asyncio.ensure_future(rt.in_thread(infer, inputs)) if inputs else None
+                if publishing is not None:
+                    await publishing  # in order: batch k is out before batch k+1 is sent
+                    publishing = None
+                if inference is None:
+                    await batches.finish(events)
                     continue
-                decoded.append((e, ev))
-                inputs.append(x)
-            if not decoded:
-                continue
-            results, latency_ms, version = await rt.in_thread(infer, inputs)
-            now = time.time()
-            ready = []
-            for (e, ev), res in zip(decoded, results, strict=True):
-                if not res.ok:
-                    reason = res.reason or "model error"
-                    code = "model error" if reason.startswith("model") else "bad input"
-                    await rt.dead(node.name, BadRecord(code, reason, ev.request_id), e)
-                    continue
-                ev.outputs[node.name] = asdict(
-                    Prediction(
-                        model=node.name,
-                        version=version,
-                        output=res.output,
-                        score=res.score,
-                        label=res.label,
-                        latency_ms=latency_ms,
-                        worker=rt.worker,
-                        batch_size=len(inputs),
-                        ts=now,
-                    )
-                )
-                ready.append((ev.request_id.encode(), encode(ev), e.headers))
-            await _send_all(out, ready)
+                inferred = await inference
+                publishing = asyncio.ensure_future(publish(batches, events, decoded, inferred))
+        finally:
+            if publishing is not None and not publishing.done():
+                publishing.cancel()  # unacknowledged: the batch is read again, not lost
 
 
 def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
@@ -551,7 +587,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     @rt.app.agent(source, name=f"{node.name}-join")
     async def compare(stream):
         # Acknowledged by hand once handled: Faust's own per-event ack sits in a `finally`
-        # and would commit an event a stopping worker never finished (see _batches).
+        # and would commit an event a stopping worker never finished (see _Batches).
         manual = stream.noack()
         async for e in manual.events():
             await handle(e)
@@ -624,14 +660,14 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.agent(pairs, name=f"{node.name}-pairs-sink")
     async def write_pairs(stream):
-        async for events in _batches(stream, 5000, 0.5):
+        async for events in _Batches(stream, 5000, 0.5):
             values = [e.value for e in events]
             rows = [to_insert_values(orjson.loads(v)) for v in values]
             await rt.write_rows(node.name, pair_sink, rows, values)
 
     @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
     async def write_snapshots(stream):
-        async for events in _batches(stream, 1000, 1.0):
+        async for events in _Batches(stream, 1000, 1.0):
             values = [e.value for e in events]
             rows, originals = [], []
             for v in values:
@@ -663,7 +699,7 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
 
     @rt.app.agent(rt.dead_topic, name="dead-letter-sink")
     async def write_dead_letters(stream):
-        async for events in _batches(stream, 1000, 1.0):
+        async for events in _Batches(stream, 1000, 1.0):
             values = [e.value for e in events]
             rows = []
             for v in values:
