@@ -75,7 +75,7 @@ EXPERIMENT_COLUMNS = [
     "split",
     "margin",
 ]
-DEAD_LETTER_COLUMNS = ["dag", "node", "reason", "ts", "request_id", "detail", "count"]
+DEAD_LETTER_COLUMNS = ["dag", "node", "reason", "ts", "request_id", "detail", "count", "source"]
 
 
 def worker_name() -> str:
@@ -708,7 +708,8 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
                 except (BadRecord, KeyError, ValueError) as exc:
                     log.error("unreadable dead letter skipped: %s", exc)
                     continue
-                rows.append([d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1])
+                source = f"{d.topic}/{d.partition}/{d.offset}" if d.topic else ""
+                rows.append([d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1, source])
             for row, reason in await rt.in_thread(sink.write, rows):
                 log.error("ClickHouse refused a dead-letter row (%s): %s", reason, row)
 

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.dag import TASKS, Comparison, Dag, ModelNode, Source
 from agents.errors import DagError
+from comparators.schema import DEAD_LETTER_COUNT
 from topics import check_name
 
 if TYPE_CHECKING:
@@ -740,7 +741,7 @@ _COUNTS_SQL = (
     "WHERE experiment = {e:String} AND startsWith(request_id, {p:String})"
 )
 _DEAD_SQL = (
-    "SELECT node, reason, sum(count) FROM dead_letters "
+    f"SELECT node, reason, {DEAD_LETTER_COUNT} FROM dead_letters "
     "WHERE dag = {d:String} AND startsWith(request_id, {p:String}) GROUP BY node, reason"
 )
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from comparators.schema import PAIRS_DEDUP
+from comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
 from comparators.statistics import (
     HIGHER_IS_BETTER,
     METRIC_FUNCTIONS,
@@ -90,9 +90,9 @@ OVERVIEW_SQL = f"""SELECT
 FROM {PAIRS_DEDUP}
 WHERE {_EXP}"""
 
-DEAD_LETTERS_SQL = """SELECT reason, sum(count) AS n
+DEAD_LETTERS_SQL = f"""SELECT reason, {DEAD_LETTER_COUNT} AS n
 FROM dead_letters
-WHERE dag = {dag:String}
+WHERE dag = {{dag:String}}
 GROUP BY reason
 ORDER BY reason"""
 

@@ -127,6 +127,7 @@ TABLES: dict[str, Table] = {
             ("request_id", "String"),
             ("detail", "String"),
             ("count", "UInt64"),
+            ("source", "String"),
         ),
         "MergeTree",
         "(dag, ts)",
@@ -212,6 +213,13 @@ def ensure_schema(client: Any) -> None:
             "INSERT INTO schema_version (version, applied_ts, note) "
             f"VALUES ({SCHEMA_VERSION}, now64(3), 'ensure_schema')"
         )
+
+
+DEAD_LETTER_COUNT = "uniqExactIf((node, source), source != '') + sumIf(count, source = '')"
+"""How many events were dead-lettered, in SQL: a consumed event read twice (a re-delivery
+after a rebalance or crash) is dead-lettered twice with the same ``source`` (topic/
+partition/offset) and counts once; a letter with no source (a refused sink row) counts as
+written."""
 
 
 def pairs_source(final: bool = True) -> str:
