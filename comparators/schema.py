@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     ts DateTime64(3, 'UTC'),
     request_id String,
     detail String,
-    count UInt64
+    count UInt64,
+    source String
 ) ENGINE = MergeTree ORDER BY (dag, ts)
 
 """
