@@ -64,6 +64,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from abdag.cli import UserError
     from agents.app import build_app
+    from agents.config import hold_log_level
     from agents.topology import dag_topics
     from models import ModelError, apply_cpu_threads
     from topics.admin import ensure_topics
@@ -75,6 +76,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     dag = _load_valid_dag(args.dag_file)
     ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
     app, _ = build_app(dag, settings)
+    hold_log_level(app, args.loglevel)
     argv = ["abdag worker", "worker", "--loglevel", args.loglevel]
     if args.web_port:
         argv += ["--web-port", str(args.web_port), "--web-host", "127.0.0.1"]

@@ -17,6 +17,7 @@ Facts behind each value are in the project's broker notes:
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,19 @@ def fetch_max_wait_ms(settings: Settings) -> int | None:
     if value is not None:
         return int(value)
     return 500 if broker_kind(settings) == "tansu" else None
+
+
+LOG_LEVELS = {"crit": 50, "error": 40, "warn": 30, "info": 20, "debug": 10}
+
+
+def hold_log_level(app: Any, loglevel: str) -> None:
+    """Keep the worker's loggers at ``loglevel`` once Faust has set logging up.
+
+    Faust's worker (through mode) leaves the root logger at DEBUG and filters in the
+    handler, so every ``log.debug`` in aiokafka and Faust built a record only to drop it:
+    measured ~6% of a busy worker's CPU (py-spy, comparison node)."""
+    level = LOG_LEVELS[loglevel]
+
+    @app.task
+    async def set_log_level() -> None:
+        logging.getLogger().setLevel(level)

@@ -23,7 +23,7 @@ import sys
 import faust
 
 from abdag.settings import Settings
-from agents.config import faust_settings
+from agents.config import faust_settings, hold_log_level
 from bench._harness import PARTITIONS
 
 TAKE_MAX = 500
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("plain", "batched", "take_seq"), default="plain")
     args = parser.parse_args(argv)
     app = build_app(Settings.from_env(), args.app_id, args.source, args.sink, args.mode)
+    hold_log_level(app, "warn")  # as `abdag worker` does
     sys.argv = ["bench-passthrough", "worker", "--loglevel", "warn", "--without-web"]
     app.main()
 
