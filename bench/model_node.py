@@ -166,9 +166,12 @@ def main(argv: list[str] | None = None) -> Result:
 
     torch.manual_seed(0)
     apply_cpu_threads(args.torch_threads)
+    title = "Model node vs offline torch vs Faust pass-through"
+    if args.torch_threads is not None:
+        title += f" (torch threads: {args.torch_threads} on both sides)"
     res = Result(
         "model_node",
-        "Model node vs offline torch vs Faust pass-through",
+        title,
         {
             "n": args.n,
             "batch": args.batch,

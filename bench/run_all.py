@@ -6,7 +6,8 @@ one Markdown table per benchmark section with the figures, the ratios measured i
 run, the machine (CPU model, cores, RAM, Python/torch versions, GPU if any), the date and
 the exact commands.
 
-Run: ``.venv/bin/python -m bench.run_all [--quick] [--only model_node,comparison,end_to_end]
+Run: ``.venv/bin/python -m bench.run_all [--quick]
+[--only model_node,model_node_1thread,comparison,end_to_end]
 [--device auto|cpu|cuda] [--render-only]``.
 """
 
@@ -22,7 +23,9 @@ from typing import Any
 
 from bench._harness import REPO, RESULTS_DIR, command_line, fmt, fmt_ratio
 
-BENCHES = ("model_node", "comparison", "end_to_end")
+BENCHES = ("model_node", "model_node_1thread", "comparison", "end_to_end")
+VARIANTS = {"model_node_1thread": ("model_node", ["--torch-threads", "1"])}
+"""Benchmarks run as another one with extra arguments: (module, arguments)."""
 DOC = REPO / "docs" / "benchmarks.md"
 
 METHOD = """\
@@ -47,10 +50,12 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 
 def run(bench: str, args: argparse.Namespace) -> Path:
     out = RESULTS_DIR / f"{bench}.json"
-    argv = [sys.executable, "-m", f"bench.{bench}", "--results", str(out.relative_to(REPO))]
+    module, extra = VARIANTS.get(bench, (bench, []))
+    argv = [sys.executable, "-m", f"bench.{module}", "--results", str(out.relative_to(REPO))]
+    argv += extra
     if args.quick:
         argv.append("--quick")
-    if args.device and bench in ("model_node", "end_to_end"):
+    if args.device and module in ("model_node", "end_to_end"):
         argv += ["--device", args.device]
     print(f"\n=== {' '.join(argv[1:])}", flush=True)
     started = time.monotonic()
