@@ -25,7 +25,7 @@ import orjson
 
 from abdag.clickhouse import connect
 from abdag.settings import Settings
-from agents.config import faust_settings, fetch_max_wait_ms
+from agents.config import broker_kind, faust_settings, fetch_max_wait_ms
 from agents.consumer import use_resume_at_committed_consumer
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
 from comparators.decisions import served_side
@@ -92,7 +92,11 @@ class DagRuntime:
         self.app = faust.App(
             self.app_id, **faust_settings(settings, partitions=dag.partitions, app_id=self.app_id)
         )
-        use_resume_at_committed_consumer(self.app, fetch_max_wait_ms=fetch_max_wait_ms(settings))
+        use_resume_at_committed_consumer(
+            self.app,
+            fetch_max_wait_ms=fetch_max_wait_ms(settings),
+            end_offsets_from_fetch=broker_kind(settings) == "tansu",
+        )
         self.worker = worker_name()
         self.dead_counts: Counter[tuple[str, str]] = Counter()
         self.stop = threading.Event()

@@ -30,6 +30,11 @@ way. Here a commit never goes past a record that was not acknowledged; if later 
 are and the hole stays ``REFETCH_AFTER`` seconds (the partition's agent works in offset
 order, so the record was lost on the way), the partition is read again from the hole.
 Re-delivered records are harmless downstream (the join recognises them).
+
+On Tansu the consumer also reads a changelog's end from a fetch (see
+:func:`fetched_end_offsets`): Tansu's ListOffsets answers the first offset of the last
+record batch + 1, so Faust's table recovery stopped short of the end whenever the producer
+had batched records.
 """
 
 from __future__ import annotations
@@ -66,6 +71,14 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
     """An aiokafka-driven Faust consumer that resumes exactly at the committed offsets."""
 
     fetch_max_wait_ms: int | None = None
+    end_offsets_from_fetch: bool = False  # the broker's ListOffsets(latest) undercounts
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        listed = await super().highwaters(*partitions)
+        if not self.end_offsets_from_fetch or not listed:
+            return listed
+        bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker)
+        return await fetched_end_offsets(bootstrap, listed)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         thread = _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -170,16 +183,58 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
             yield tp, message
 
 
-def use_resume_at_committed_consumer(app: Any, *, fetch_max_wait_ms: int | None = None) -> None:
+async def fetched_end_offsets(
+    bootstrap: str, listed: Mapping[Any, int | None], timeout: float = 10.0
+) -> dict[Any, int | None]:
+    """The end offsets of ``listed``'s partitions as a fetch response states them.
+
+    ``listed``: what ListOffsets(latest) answered. On Tansu that is the first offset of the
+    partition's last record batch + 1; a fetch from that batch returns the real end (the
+    high watermark) with it. Partitions the fetch does not answer within ``timeout`` keep
+    the listed value (logged).
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    ends = dict(listed)
+    probe = {TopicPartition(tp.topic, tp.partition): tp for tp, end in listed.items() if end}
+    if not probe:
+        return ends
+    client = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+    )
+    await client.start()
+    try:
+        client.assign(list(probe))
+        for tp, key in probe.items():
+            client.seek(tp, listed[key] - 1)
+        waiting, deadline = set(probe), time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            await client.getmany(*waiting, timeout_ms=200)
+            for tp in list(waiting):
+                highwater = client.highwater(tp)
+                if highwater is not None:
+                    ends[probe[tp]] = max(highwater, listed[probe[tp]] or 0)
+                    waiting.discard(tp)
+        if waiting:
+            log.warning("end offsets of %s not fetched: using the broker's listed ones", waiting)
+    finally:
+        await client.stop()
+    return ends
+
+
+def use_resume_at_committed_consumer(
+    app: Any, *, fetch_max_wait_ms: int | None = None, end_offsets_from_fetch: bool = False
+) -> None:
     """Make ``app`` create :class:`ResumeAtCommittedConsumer` (call before it starts).
 
     ``fetch_max_wait_ms``: how long the broker may hold a fetch that finds no new records.
     Faust fixes it at 1500 ms, which on Tansu delayed each hop of the DAG by ~380 ms
-    (see :func:`agents.config.fetch_max_wait_ms`).
+    (see :func:`agents.config.fetch_max_wait_ms`). ``end_offsets_from_fetch``: read
+    changelog ends with :func:`fetched_end_offsets` (Tansu).
     """
     consumer = type(
         "ResumeAtCommittedConsumer",
         (ResumeAtCommittedConsumer,),
-        {"fetch_max_wait_ms": fetch_max_wait_ms},
+        {"fetch_max_wait_ms": fetch_max_wait_ms, "end_offsets_from_fetch": end_offsets_from_fetch},
     )
     app.transport.Consumer = consumer

@@ -1,12 +1,12 @@
 """A minimal Faust pass-through worker: the reference every node is compared against.
 
 One agent consumes raw bytes from one topic and sends the same key and value to another,
-with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`,
-so ``producer_max_batch_size=1`` on Tansu). Two forms:
+with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`).
+Three forms:
 
 * ``plain``: ``async for event in stream.events(): await out.send(...)``, the textbook agent;
 * ``batched``: ``stream.take_events(500, within=0.05)`` then ``asyncio.gather`` of the sends,
-  the form abdag's own agents use (agents/app.py);
+  a common form of batched agent;
 * ``take_seq``: the same ``take_events`` batches, each send awaited in turn.
 
 Run (broker and data dir from ``ABDAG_*`` like ``abdag worker``)::
