@@ -344,11 +344,10 @@ class _Batches:
 
 
 async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) -> None:
-    """Queue a batch's sends in order. Awaiting them one by one is 2-3x faster on Tansu
-    than gathering them (concurrent sends into one-record batches wake together), and
-    equally safe: a send returns once queued, and Faust flushes before committing."""
-    for k, v, h in items:
-        await topic.send(key=k, value=v, headers=h)
+    """Queue a batch's sends together, so the producer fills record batches: 2,990 events/s
+    against 2,232 awaiting each in turn (bench pass-through, one run). Safe to acknowledge
+    after: a send returns once queued, and Faust flushes the producer before committing."""
+    await asyncio.gather(*(topic.send(key=k, value=v, headers=h) for k, v, h in items))
 
 
 def _source_agent(rt: DagRuntime, node: Source) -> None:
