@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from abdag.settings import Settings
+from agents.config import LOG_LEVELS
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Handler] = {}
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one Faust worker for a DAG file")
     w.add_argument("dag_file")
-    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    w.add_argument("--loglevel", default="warn", choices=list(LOG_LEVELS))
     w.add_argument("--web-port", type=int, default=None, help="serve Faust's web UI here")
 
     t = sub.add_parser("topics", help="create and describe a DAG's topics")

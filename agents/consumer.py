@@ -91,6 +91,7 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
         self._reseeks: dict[TP, int] = {}
         self._start: dict[TP, int] = {}  # where a partition with no commit was resumed
         self._holes: dict[TP, tuple[int, float]] = {}  # offset not acknowledged, since when
+        self._refetches: set[Any] = set()  # seek tasks in flight (the loop keeps weak refs)
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         if self.flow_active:
@@ -157,7 +158,9 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
             self._holes[tp] = (offset, now)
             self._resume_at[tp] = offset
             self._reseeks[tp] = 0
-            self.loop.create_task(self._seek(tp, offset))
+            task = self.loop.create_task(self._seek(tp, offset))
+            self._refetches.add(task)
+            task.add_done_callback(self._refetches.discard)
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         reseeked: set[TP] = set()
