@@ -15,9 +15,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import faust
@@ -28,6 +28,7 @@ from abdag.settings import Settings
 from agents.config import broker_kind, faust_settings, fetch_max_wait_ms
 from agents.consumer import use_resume_at_committed_consumer
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from agents.tables import JsonTable
 from comparators.decisions import served_side
 from comparators.join import PairJoin
 from comparators.rows import (
@@ -61,6 +62,9 @@ from topics import (
 log = logging.getLogger("abdag.worker")
 TAKE_MAX = 500
 TAKE_WITHIN = 0.05
+# The pairs topic carries lists of rows (one record per partition and batch, not per pair:
+# it only feeds the ClickHouse sink); 200 rows stay well under Kafka's 1 MB record limit.
+PAIR_ROWS_PER_RECORD = 200
 EXPERIMENT_COLUMNS = [
     "experiment",
     "updated_ts",
@@ -238,42 +242,6 @@ class ModelSlot:
         return True
 
 
-class JsonTable(MutableMapping):
-    """A Faust table of raw bytes seen as ``str -> dict``.
-
-    Raw bytes keep the changelog readable by any client and recovery free of Faust's model
-    registry (a ``dict`` value type breaks recovery: Faust looks for ``dict.from_data``).
-    """
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    def __getitem__(self, key: str) -> dict:
-        raw = self.table.get(key.encode())
-        if raw is None:
-            raise KeyError(key)
-        return orjson.loads(raw)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        raw = self.table.get(key.encode())
-        return default if raw is None else orjson.loads(raw)
-
-    def __setitem__(self, key: str, value: dict) -> None:
-        self.table[key.encode()] = orjson.dumps(value)
-
-    def __delitem__(self, key: str) -> None:
-        del self.table[key.encode()]
-
-    def __iter__(self):
-        return (k.decode() for k in list(self.table.keys()))
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def items(self):
-        return [(k.decode(), orjson.loads(v)) for k, v in list(self.table.items())]
-
-
 class _Stopper(faust.Service):
     """Lets blocking sink retries end when the worker stops."""
 
@@ -348,6 +316,26 @@ async def _send_all(topic: faust.TopicT, items: list[tuple[bytes, bytes, Any]]) 
     against 2,232 awaiting each in turn (bench pass-through, one run). Safe to acknowledge
     after: a send returns once queued, and Faust flushes the producer before committing."""
     await asyncio.gather(*(topic.send(key=k, value=v, headers=h) for k, v, h in items))
+
+
+@dataclass
+class _JoinOutput:
+    """What one batch of the comparison node sends on."""
+
+    served: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
+    pairs: dict[str, tuple[int, dict]] = field(default_factory=dict)  # id -> newest row
+    snapshots: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
+    dead: list[tuple[BadRecord, Any]] = field(default_factory=list)
+
+
+def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
+    """Rows grouped by partition, at most ``per_record`` to a list."""
+    by_partition: dict[int, list[dict]] = {}
+    for partition, row in rows:
+        by_partition.setdefault(partition, []).append(row)
+    for partition, group in by_partition.items():
+        for k in range(0, len(group), per_record):
+            yield partition, group[k : k + per_record]
 
 
 def _source_agent(rt: DagRuntime, node: Source) -> None:
@@ -528,22 +516,22 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         key_type=bytes,
         value_type=bytes,
     )
-    join = PairJoin(
-        join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=JsonTable(table)
-    )
+    store = JsonTable(table)
+    join = PairJoin(join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=store)
     metrics: dict[int, PairMetrics] = {}
     since_snapshot: Counter[int] = Counter()
     last_snapshot: dict[int, float] = {}
     ticked: dict[str, float] = {}
 
-    async def snapshot(partition: int, now: float) -> None:
+    def snapshot(partition: int, now: float) -> tuple[bytes, bytes, None]:
+        """The partition's metric rows, as one record for the snapshots topic."""
         rows = snapshot_rows(experiment, rt.worker, partition, metrics[partition], now)
         since_snapshot[partition] = 0
         last_snapshot[partition] = now
-        await snaps.send(key=str(partition).encode(), value=orjson.dumps(rows))
+        return str(partition).encode(), orjson.dumps(rows), None
 
-    async def handle(e: Any) -> None:
-        """One A, B, label or tick event through the join; emits at most one pairs row."""
+    def handle(e: Any, out: _JoinOutput) -> None:
+        """One A, B, label or tick event through the join; what it sends goes to ``out``."""
         topic, partition, now = e.message.topic, e.message.partition, time.time()
         try:
             if topic == tick_topic:
@@ -560,14 +548,15 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                 choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)
                 if side == choice:
                     answer = {"request_id": ev.request_id, "served_by": side, **pred}
-                    await served.send(key=e.key, value=orjson.dumps(answer), headers=e.headers)
+                    out.served.append((e.key, orjson.dumps(answer), e.headers))
         except BadRecord as err:
-            await rt.dead(node.name, err, e)
+            out.dead.append((err, e))
             return
         if emitted is None:
             return
+        # A later stage of the same request in this batch supersedes this row.
         row = pair_row(experiment, node, emitted, partition, rt.worker, now)
-        await pairs.send(key=emitted.request_id.encode(), value=orjson.dumps(row))
+        out.pairs[emitted.request_id] = (partition, row)
         if emitted.newly_paired or emitted.newly_labelled:
             m = metrics.get(partition)
             if m is None:
@@ -585,16 +574,29 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             )
             since_snapshot[partition] += 1
             if since_snapshot[partition] >= node.snapshot_every:
-                await snapshot(partition, now)
+                out.snapshots.append(snapshot(partition, now))
 
     @rt.app.agent(source, name=f"{node.name}-join")
     async def compare(stream):
-        # Acknowledged by hand once handled: Faust's own per-event ack sits in a `finally`
-        # and would commit an event a stopping worker never finished (see _Batches).
-        manual = stream.noack()
-        async for e in manual.events():
-            await handle(e)
-            await manual.ack(e)
+        # A batch at a time: the join itself does no I/O, the table writes of a request are
+        # one changelog record per batch, and the batch's sends are queued together. The
+        # batch is acknowledged once its sends are queued (see _Batches).
+        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
+            out = _JoinOutput()
+            for e in events:
+                store.event = e
+                handle(e, out)
+            store.flush()
+            for err, e in out.dead:
+                await rt.dead(node.name, err, e)
+            await asyncio.gather(
+                _send_all(served, out.served),
+                *(
+                    pairs.send(key=str(p).encode(), value=orjson.dumps(rows), partition=p)
+                    for p, rows in _packed(out.pairs.values(), PAIR_ROWS_PER_RECORD)
+                ),
+                _send_all(snaps, out.snapshots),
+            )
 
     @rt.app.timer(interval=1.0, name=f"{node.name}-expiry")
     async def expire_due() -> None:
@@ -619,7 +621,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                 since_snapshot[partition]
                 and now - last_snapshot.get(partition, 0) >= node.snapshot_interval
             ):
-                await snapshot(partition, now)
+                await _send_all(snaps, [snapshot(partition, now)])
 
     experiments_sink = rt.sink("experiments", EXPERIMENT_COLUMNS)
 
@@ -664,9 +666,13 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     @rt.app.agent(pairs, name=f"{node.name}-pairs-sink")
     async def write_pairs(stream):
         async for events in _Batches(stream, 5000, 0.5):
-            values = [e.value for e in events]
-            rows = [to_insert_values(orjson.loads(v)) for v in values]
-            await rt.write_rows(node.name, pair_sink, rows, values)
+            rows, originals = [], []
+            for e in events:
+                packed = orjson.loads(e.value)
+                for r in packed if isinstance(packed, list) else [packed]:
+                    rows.append(to_insert_values(r))
+                    originals.append(e.value)
+            await rt.write_rows(node.name, pair_sink, rows, originals)
 
     @rt.app.agent(snaps, name=f"{node.name}-snapshot-sink")
     async def write_snapshots(stream):

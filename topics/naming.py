@@ -45,7 +45,7 @@ def node_topic(dag: str, node: str) -> str:
 
 
 def pairs_topic(dag: str, comparison: str) -> str:
-    """Joined A/B rows on their way to the ClickHouse sink."""
+    """Joined A/B rows on their way to the ClickHouse sink (JSON lists of rows)."""
     return f"abdag.{dag}.{comparison}.pairs"
 
 
