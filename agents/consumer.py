@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -72,6 +72,19 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
 
     fetch_max_wait_ms: int | None = None
     end_offsets_from_fetch: bool = False  # the broker's ListOffsets(latest) undercounts
+    before_commit: Callable[[], Awaitable[None]] | None = None
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """Commit once ``before_commit`` allows it; if it fails, crash rather than commit
+        past events whose output was lost (they are read again from the last commit)."""
+        if self.before_commit is not None:
+            try:
+                await self.before_commit()
+            except Exception as exc:  # noqa: BLE001 - any failure: do not commit
+                log.error("offsets not committed: %s; stopping the worker", exc)
+                await self.crash(exc)
+                return False
+        return await super()._commit(offsets)
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         listed = await super().highwaters(*partitions)
@@ -226,18 +239,28 @@ async def fetched_end_offsets(
 
 
 def use_resume_at_committed_consumer(
-    app: Any, *, fetch_max_wait_ms: int | None = None, end_offsets_from_fetch: bool = False
+    app: Any,
+    *,
+    fetch_max_wait_ms: int | None = None,
+    end_offsets_from_fetch: bool = False,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Make ``app`` create :class:`ResumeAtCommittedConsumer` (call before it starts).
 
     ``fetch_max_wait_ms``: how long the broker may hold a fetch that finds no new records.
     Faust fixes it at 1500 ms, which on Tansu delayed each hop of the DAG by ~380 ms
     (see :func:`agents.config.fetch_max_wait_ms`). ``end_offsets_from_fetch``: read
-    changelog ends with :func:`fetched_end_offsets` (Tansu).
+    changelog ends with :func:`fetched_end_offsets` (Tansu). ``before_commit``: awaited
+    before every offset commit; if it raises, nothing is committed and the worker crashes
+    (``agents.producer``: the agents' records must be delivered first).
     """
     consumer = type(
         "ResumeAtCommittedConsumer",
         (ResumeAtCommittedConsumer,),
-        {"fetch_max_wait_ms": fetch_max_wait_ms, "end_offsets_from_fetch": end_offsets_from_fetch},
+        {
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+            "end_offsets_from_fetch": end_offsets_from_fetch,
+            "before_commit": staticmethod(before_commit) if before_commit else None,
+        },
     )
     app.transport.Consumer = consumer
