@@ -37,3 +37,72 @@ def test_changelog_end_offsets_are_read_from_a_fetch_not_from_list_offsets(stack
     assert {tp.partition: end for tp, end in fetched.items()} == sizes
     # what the fetch corrects: ListOffsets may stop at the last batch's first offset + 1
     assert all(listed[tp] <= fetched[tp] for tp in listed)
+
+
+GATED_APP = """
+import sys
+
+import faust
+
+from abdag.settings import Settings
+from agents.config import faust_settings
+from agents.consumer import use_resume_at_committed_consumer
+
+app_id, topic = sys.argv[1], sys.argv[2]
+app = faust.App(app_id, **faust_settings(Settings.from_env(), partitions=2, app_id=app_id))
+
+
+async def output_lost() -> None:
+    raise RuntimeError("3 output records not delivered (test)")
+
+
+use_resume_at_committed_consumer(app, before_commit=output_lost)
+
+
+@app.agent(app.topic(topic, key_type=bytes, value_type=bytes, partitions=2))
+async def consume(stream):
+    async for _ in stream.events():
+        pass
+
+
+sys.argv = ["gated", "worker", "--loglevel", "warn", "--without-web"]
+app.main()
+"""
+
+
+def test_a_failed_delivery_gate_commits_nothing_and_stops_the_worker(stack, stack_env, tmp_path):
+    import subprocess
+    import sys
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic, app_id = f"t-gate-{uuid.uuid4().hex[:8]}", f"gate-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": stack.broker})
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=30)
+    producer = Producer({"bootstrap.servers": stack.broker})
+    for i in range(40):
+        producer.produce(topic, value=b"x", key=b"k%d" % i)
+    assert producer.flush(30) == 0
+    app = tmp_path / "gated.py"
+    app.write_text(GATED_APP)
+    proc = subprocess.Popen(
+        [sys.executable, str(app), app_id, topic],
+        env=stack_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "offsets not committed: 3 output records not delivered (test)" in out
+    reader = Consumer({"bootstrap.servers": stack.broker, "group.id": app_id})
+    try:
+        committed = reader.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+    finally:
+        reader.close()
+    assert [tp.offset for tp in committed] == [-1001, -1001]  # nothing committed
