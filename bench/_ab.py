@@ -28,6 +28,7 @@ from bench._harness import (
     drain_timeout,
     pair_stats,
     produce,
+    unique_name,
     wait_pairs,
 )
 from topics import input_topic
@@ -79,6 +80,17 @@ class AbDag:
 
     def create_topics(self, stack: Stack) -> None:
         create_topics(stack, dag_topics(load_dag(self.file)))
+
+    @classmethod
+    def fraud(cls, stack: Stack, models: tuple[Path, Path], prefix: str) -> AbDag:
+        """A fresh fraud A/B DAG (tests.experiments.COMPARE_DAG, comparison ``ab``) with
+        its topics created."""
+        from tests.experiments import write_compare_dag
+
+        name = unique_name(prefix)
+        dag = cls(name, write_compare_dag(stack.work / f"{name}.py", name, models), ["ab"])
+        dag.create_topics(stack)
+        return dag
 
 
 @dataclass

@@ -28,7 +28,12 @@ Figures, all from one run on one private stack (bench._harness.local_stack):
   ``clickhouse_connect`` ``client.insert`` of the same rows and batches; median of 3
   alternating repetitions, rows / wall seconds.
 
-Run: ``.venv/bin/python -m bench.comparison [--quick] [--n 5000] [--sink-rows 50000]``.
+The join and the pass-throughs run in ``--repeat`` alternating rounds (a fresh worker each
+round; the full DAG in the first) and the medians are compared: this machine's speed drifts
+by tens of percent within minutes, and one pair of runs moved the ratio from 0.28 to 0.48.
+
+Run: ``.venv/bin/python -m bench.comparison [--quick] [--n 5000] [--sink-rows 50000]
+[--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ from bench._harness import (
     produce,
     ratio,
     raw_consume_rate,
-    unique_name,
     wait_pairs,
 )
 from bench._harness import passthrough_run as _passthrough_run
@@ -63,7 +67,6 @@ from comparators.join import PairJoin
 from comparators.rows import PAIR_COLUMNS, pair_row, to_insert_values
 from comparators.schema import ensure_schema
 from comparators.sink import ClickHouseSink
-from tests.experiments import write_compare_dag
 from topics import Event, Label, Prediction, encode, node_topic
 
 SINK_BATCH = 5000
@@ -166,46 +169,71 @@ def sink_bench(stack: Stack, n: int, reps: int = 3) -> tuple[float, float]:
     return n / median(sink_times), n / median(raw_times)
 
 
+def _rounds(rates: list[float]) -> str:
+    if len(rates) < 2:
+        return ""
+    return f"median of {len(rates)} rounds: " + ", ".join(f"{r:,.0f}" for r in rates)
+
+
 def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
     parser.add_argument("--n", type=int, default=None, help="measured requests (default 5000)")
     parser.add_argument("--sink-rows", type=int, default=None, help="default 50000")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="alternating join/pass-through rounds (3)"
+    )
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args(argv)
     n = args.n or (600 if args.quick else 5000)
     sink_n = args.sink_rows or (5000 if args.quick else 50_000)
+    repeat = args.repeat or (1 if args.quick else 3)
     res = Result(
         "comparison",
         "Comparison node vs pass-through vs raw consume; ClickHouse sink vs raw insert",
-        {"n": n, "sink_rows": sink_n, "sink_batch": SINK_BATCH, "quick": args.quick},
+        {
+            "n": n,
+            "sink_rows": sink_n,
+            "sink_batch": SINK_BATCH,
+            "repeat": repeat,
+            "quick": args.quick,
+        },
     )
     print(f"comparison bench: {res.params}", flush=True)
     stream = FraudStream()
+    joins: list[float] = []
+    peaks: list[float] = []
+    runs: dict[str, list[float]] = {"plain": [], "batched": [], "take_seq": []}
     with local_stack() as stack:
         models = train_models(stack.work / "models", seed=7)
-        name = unique_name("cmp")
-        dag = AbDag(name, write_compare_dag(stack.work / f"{name}.py", name, models), ["ab"])
-        dag.create_topics(stack)
-        with Workers(stack, name) as procs:
-            procs.start_abdag(dag.file)
-            warm_up(stack, procs, dag, stream, count=args.warmup)
-            full = measure(stack, procs, dag, stream, n, labels=True)
-            join_rate, _ = join_only(stack, procs, dag, stream, n)
-            (peak,) = procs.stop()
-        raw_topic = f"bench.{name}.raw"
+        for r in range(repeat):
+            # a fresh worker and DAG per round, stopped before the pass-throughs run
+            dag = AbDag.fraud(stack, models, "cmp")
+            with Workers(stack, dag.name) as procs:
+                procs.start_abdag(dag.file)
+                warm_up(stack, procs, dag, stream, count=args.warmup)
+                if r == 0:
+                    full = measure(stack, procs, dag, stream, n, labels=True)
+                joins.append(join_only(stack, procs, dag, stream, n)[0])
+                peaks.append(procs.stop()[0])
+            for mode in ("plain", "batched") if r else runs:
+                runs[mode].append(_passthrough_run(stack, stream.request, n, mode=mode).rate)
+            print(
+                f"round {r + 1}/{repeat}: join {joins[-1]:,.0f} pairs/s, pass-through "
+                f"plain {runs['plain'][-1]:,.0f} events/s",
+                flush=True,
+            )
+        raw_topic = f"bench.{dag.name}.raw"
         create_topics(stack, [raw_topic])
         raw_n = max(n, RAW_CONSUME_RECORDS)
         produce(stack.bootstrap, raw_topic, lambda i: stream.request("r-", i), raw_n)
         raw = raw_consume_rate(stack.bootstrap, raw_topic, raw_n)
-        passes = {
-            mode: _passthrough_run(stack, stream.request, n, mode=mode)
-            for mode in ("plain", "batched", "take_seq")
-        }
         sink_rate, raw_insert = sink_bench(stack, sink_n)
 
-    plain = passes["plain"].rate
+    join_rate, peak = median(joins), peaks[0]
+    passes = {mode: median(rates) for mode, rates in runs.items()}
+    plain = passes["plain"]
     sec = "comparison node (1 worker)"
     res.add(
         sec,
@@ -229,26 +257,28 @@ def main(argv: list[str] | None = None) -> Result:
         "comparison node alone",
         join_rate,
         "pairs/s",
-        ratio=ratio(join_rate, passes["batched"].rate),
+        ratio=ratio(join_rate, passes["batched"]),
         vs="pass-through batched",
+        note=_rounds(joins),
     )
     res.add(
         sec,
         "comparison node alone, events in (A + B + label per pair)",
         3 * join_rate,
         "events/s",
-        ratio=ratio(3 * join_rate, passes["batched"].rate),
+        ratio=ratio(3 * join_rate, passes["batched"]),
         vs="pass-through batched",
     )
     labels = {"plain": "plain", "batched": "batched (take+gather)", "take_seq": "take+sequential"}
-    for mode, pt in passes.items():
+    for mode, rate in passes.items():
         res.add(
             sec,
             f"pass-through, {labels[mode]}",
-            pt.rate,
+            rate,
             "events/s",
-            ratio=ratio(pt.rate, raw),
+            ratio=ratio(rate, raw),
             vs="raw consume",
+            note=_rounds(runs[mode]),
         )
     res.add(sec, "raw consume (confluent-kafka)", raw, "records/s")
     res.add(sec, "full DAG worker peak RSS", peak, "MiB")

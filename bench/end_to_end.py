@@ -44,7 +44,6 @@ from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
 from bench._harness import Result, Stack, Workers, local_stack, passthrough_run, ratio, unique_name
 from bench.offline_torch import MLP, _save, runner_throughput
 from models import BatchRunner, load_model
-from tests.experiments import write_compare_dag
 
 BIG_AB_DAG = """
 import torch
@@ -96,10 +95,8 @@ def throughput_and_latency(
     stack: Stack, models: tuple[Path, Path], args: argparse.Namespace, res: Result
 ) -> None:
     stream = FraudStream()
-    name = unique_name("e2e")
-    dag = AbDag(name, write_compare_dag(stack.work / f"{name}.py", name, models), ["ab"])
-    dag.create_topics(stack)
-    with Workers(stack, name) as procs:
+    dag = AbDag.fraud(stack, models, "e2e")
+    with Workers(stack, dag.name) as procs:
         procs.start_abdag(dag.file)
         warm_up(stack, procs, dag, stream, count=args.warmup)
         run = measure(stack, procs, dag, stream, args.n, labels=True)
@@ -199,7 +196,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
             )
             dag = AbDag(name, file, ["ab"], has_labels=False)
             dag.create_topics(stack)
-            with Workers(stack, name) as procs:
+            with Workers(stack, dag.name) as procs:
                 procs.start_abdag(dag.file, workers, pin=pin, **env)
                 warm_up(stack, procs, dag, stream, count=args.warmup, workers=workers, labels=False)
                 run = measure(stack, procs, dag, stream, args.scale_n, labels=False)
@@ -243,7 +240,7 @@ def many_experiments(
         name = unique_name(f"many{m}-")
         dag = many_dag(stack.work / f"{name}.py", name, models, m)
         dag.create_topics(stack)
-        with Workers(stack, name) as procs:
+        with Workers(stack, dag.name) as procs:
             started = time.monotonic()
             procs.start_abdag(dag.file)
             warm_up(stack, procs, dag, stream, count=args.many_warmup, labels=False)

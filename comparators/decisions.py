@@ -74,15 +74,21 @@ DECISION_COLUMNS = [
 
 def latest_decision(client: Any, experiment: str) -> Decision | None:
     """The newest decision for ``experiment``; None before any."""
+    return latest_decisions(client, [experiment]).get(experiment)
+
+
+def latest_decisions(client: Any, experiments: list[str]) -> dict[str, Decision]:
+    """The newest decision of each experiment that has one, in one query (a worker with
+    many comparisons polls them all at once)."""
     rows = client.query(
-        "SELECT action, served, forced, verdict, confidence, note FROM decisions "
-        "WHERE experiment = {e:String} ORDER BY ts DESC LIMIT 1",
-        parameters={"e": experiment},
+        "SELECT experiment, action, served, forced, verdict, confidence, note FROM decisions "
+        "WHERE has({es:Array(String)}, experiment) ORDER BY ts DESC LIMIT 1 BY experiment",
+        parameters={"es": list(experiments)},
     ).result_rows
-    if not rows:
-        return None
-    action, served, forced, verdict, confidence, note = rows[0]
-    return Decision(experiment, action, served, bool(forced), verdict, confidence, note)
+    return {
+        e: Decision(e, action, served, bool(forced), verdict, confidence, note)
+        for e, action, served, forced, verdict, confidence, note in rows
+    }
 
 
 def decide_retirement(

@@ -185,6 +185,30 @@ def test_promote_cli_refuses_without_a_verdict_and_records_force(stack, tmp_path
     assert (d.served, d.forced, d.note, d.verdict) == ("b", True, "hotfix", "not enough data")
 
 
+def test_the_newest_decision_of_each_experiment_is_read_in_one_query(stack):
+    from datetime import UTC, datetime, timedelta
+
+    from comparators.decisions import DECISION_COLUMNS, latest_decisions
+    from comparators.schema import ensure_schema
+
+    client = connect(stack)
+    ensure_schema(client)
+    tag = uuid.uuid4().hex[:6]
+    first, second, silent = f"d{tag}.one", f"d{tag}.two", f"d{tag}.none"
+    t0 = datetime.now(UTC)
+    rows = [
+        [first, t0, "promote", "b", 0, "B better", 0.99, "old"],
+        [first, t0 + timedelta(seconds=5), "retire", "a", 1, "B worse", 0.97, "new"],
+        [second, t0 + timedelta(seconds=1), "promote", "b", 0, "B not worse", 0.95, "only"],
+    ]
+    client.insert("decisions", rows, column_names=DECISION_COLUMNS)
+    got = latest_decisions(client, [first, second, silent])
+    assert sorted(got) == [first, second]  # no decision: absent, as latest_decision's None
+    assert (got[first].action, got[first].forced, got[first].note) == ("retire", True, "new")
+    assert (got[second].action, got[second].served) == ("promote", "b")
+    assert latest_decision(client, first) == got[first]
+
+
 CHALLENGERS_DAG = """
 from abdag.demo.fraud import features_tensor
 from agents import Dag
