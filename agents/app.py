@@ -255,7 +255,7 @@ class ModelSlot:
 
 
 class _Stopper(faust.Service):
-    """Lets blocking sink retries end when the worker stops."""
+    """When the worker stops: ends blocking sink retries, delivers the queued output."""
 
     def __init__(self, runtime: DagRuntime, **kwargs: Any) -> None:
         self.runtime = runtime
