@@ -41,19 +41,6 @@ class OutRecord(NamedTuple):
     partition: int | None = None
 
 
-class _Refused(NamedTuple):
-    """Stands for the message of a record librdkafka refused before queueing it."""
-
-    topic_name: str
-    partition_number: int | None
-
-    def topic(self) -> str:
-        return self.topic_name
-
-    def partition(self) -> int | None:
-        return self.partition_number
-
-
 class DeliveryFailed(RuntimeError):
     """Records were not delivered: the offsets of their events must not be committed."""
 
@@ -89,11 +76,14 @@ class OutputProducer:
         self.sent = 0
 
     def _on_delivery(self, seq: int, err: Any, msg: Any) -> None:
+        self._settled(seq, err, f"{msg.topic()}[{msg.partition()}]")
+
+    def _settled(self, seq: int, err: Any, where: str) -> None:
         self._pending.discard(seq)
         if err is not None:
             self.failed += 1
             if len(self._failures) < 5:
-                self._failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+                self._failures.append(f"{where}: {err}")
 
     async def send_all(self, records: Iterable[OutRecord]) -> None:
         """Queue ``records``; waits only while librdkafka's queue is full."""
@@ -123,7 +113,7 @@ class OutputProducer:
         except BufferError:
             return False
         except KafkaException as exc:  # refused at once, e.g. no such partition
-            self._on_delivery(seq, exc.args[0], _Refused(topic, partition))
+            self._settled(seq, exc.args[0], f"{topic}[{partition}]")
         return True
 
     async def delivered(self) -> None:
