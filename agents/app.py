@@ -472,12 +472,34 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         await rt.send(out, ready)
         await batches.finish(events)
 
+    async def infer_in_order(batches: _Batches, decoded_batches: asyncio.Queue) -> None:
+        """Infer the decoded batches one after another, each sent on while the next infers.
+
+        The next batch is already read and decoded when one finishes (the agent does that
+        meanwhile), so the model is idle only when no events wait."""
+        publishing: asyncio.Future | None = None
+        try:
+            while True:
+                events, decoded, inputs = await decoded_batches.get()
+                inferred = await rt.in_thread(infer, inputs) if inputs else None
+                if publishing is not None:
+                    await publishing  # in order: batch k is out before batch k+1 is sent
+                    publishing = None
+                if inferred is None:
+                    await batches.finish(events)
+                else:
+                    publishing = asyncio.ensure_future(publish(batches, events, decoded, inferred))
+        finally:
+            if publishing is not None and not publishing.done():
+                publishing.cancel()  # unacknowledged: the batch is read again, not lost
+
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
-        # Batch k is sent on while batch k+1 is inferred (in the executor thread), so the
-        # event loop's work and the model's overlap when torch leaves a core free.
+        # Three batches overlap: this body reads and decodes batch k+2 while the executor
+        # thread infers batch k+1 and batch k is sent on.
         batches = _Batches(stream, node.max_batch, node.max_wait, by_hand=True)
-        publishing: asyncio.Future | None = None
+        decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
+        inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
         try:
             async for events in batches:
                 decoded: list[tuple[Any, Event]] = []
@@ -490,18 +512,22 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                         continue
                     decoded.append((e, ev))
                     inputs.append(x)
-                inference = asyncio.ensure_future(rt.in_thread(infer, inputs)) if inputs else None
-                if publishing is not None:
-                    await publishing  # in order: batch k is out before batch k+1 is sent
-                    publishing = None
-                if inference is None:
-                    await batches.finish(events)
-                    continue
-                inferred = await inference
-                publishing = asyncio.ensure_future(publish(batches, events, decoded, inferred))
+                await _hand_over(decoded_batches, (events, decoded, inputs), inferring)
         finally:
-            if publishing is not None and not publishing.done():
-                publishing.cancel()  # unacknowledged: the batch is read again, not lost
+            inferring.cancel()
+
+
+async def _hand_over(queue: asyncio.Queue, item: Any, consumer: asyncio.Future) -> None:
+    """Put ``item`` on ``queue``, waiting for room, unless ``consumer`` fails first: then
+    raise its error here (a failed send must stop the agent, not leave it waiting)."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
+    if put.done():
+        return
+    put.cancel()
+    if consumer.cancelled() or consumer.exception() is None:
+        raise RuntimeError("the inference loop ended while events were waiting")
+    raise consumer.exception()
 
 
 def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:

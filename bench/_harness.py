@@ -591,6 +591,13 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def rounds(values: Sequence[float]) -> str:
+    """A note listing the figures a median was taken of (empty for a single run)."""
+    if len(values) < 2:
+        return ""
+    return f"median of {len(values)} runs: " + ", ".join(f"{v:,.0f}" for v in values)
+
+
 def unique_name(prefix: str) -> str:
     """A DAG or app name not used before on this stack (fresh topics and consumer group)."""
     return f"{prefix}{os.getpid() % 10000}{time.monotonic_ns() % 10**8:08d}"

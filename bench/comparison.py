@@ -60,6 +60,7 @@ from bench._harness import (
     produce,
     ratio,
     raw_consume_rate,
+    rounds,
     wait_pairs,
 )
 from bench._harness import passthrough_run as _passthrough_run
@@ -169,12 +170,6 @@ def sink_bench(stack: Stack, n: int, reps: int = 3) -> tuple[float, float]:
     return n / median(sink_times), n / median(raw_times)
 
 
-def _rounds(rates: list[float]) -> str:
-    if len(rates) < 2:
-        return ""
-    return f"median of {len(rates)} rounds: " + ", ".join(f"{r:,.0f}" for r in rates)
-
-
 def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
@@ -259,7 +254,7 @@ def main(argv: list[str] | None = None) -> Result:
         "pairs/s",
         ratio=ratio(join_rate, passes["batched"]),
         vs="pass-through batched",
-        note=_rounds(joins),
+        note=rounds(joins),
     )
     res.add(
         sec,
@@ -278,7 +273,7 @@ def main(argv: list[str] | None = None) -> Result:
             "events/s",
             ratio=ratio(rate, raw),
             vs="raw consume",
-            note=_rounds(runs[mode]),
+            note=rounds(runs[mode]),
         )
     res.add(sec, "raw consume (confluent-kafka)", raw, "records/s")
     res.add(sec, "full DAG worker peak RSS", peak, "MiB")

@@ -5,14 +5,16 @@ Three figures, taken in one run on one private stack (bench._harness.local_stack
 1. **offline torch**: the same TorchScript file loaded with ``models.load_model`` and
    called in a tight loop at the node's batch size, via ``bench.offline_torch``:
    ``forward`` (``LoadedModel.__call__``) and ``runner`` (``BatchRunner.run`` on per-item
-   tensors, what the node calls per batch). Taken before and after the worker run; the
-   higher of the two is the ceiling (the machine may be shared: this limits drift).
-2. **model node**: one ``abdag worker`` on a DAG with one model node (``max_batch`` =
-   ``--batch``). The measured events are pre-built abdag events written straight to the
-   source node's topic (``abdag.<dag>.tx``), so the worker's source agent is idle and only
-   the model node works: decode, build the input, batch, infer in the executor thread,
-   encode, send. The event payload is just an index; the input builder picks a row of a
-   fixed random matrix, so the model's cost, not JSON parsing of 512 floats, is measured.
+   tensors, what the node calls per batch). Taken before the first node run and after
+   each one; the medians are compared (this machine's speed drifts by 10-15% from one
+   minute to the next, so node and offline runs alternate, ``--repeat`` rounds).
+2. **model node**: in each round a fresh ``abdag worker`` on a DAG with one model node
+   (``max_batch`` = ``--batch``). The measured events are pre-built abdag events written
+   straight to the source node's topic (``abdag.<dag>.tx``), so the worker's source agent
+   is idle and only the model node works: decode, build the input, batch, infer in the
+   executor thread, encode, send. The event payload is just an index; the input builder
+   picks a row of a fixed random matrix, so the model's cost, not JSON parsing of 512
+   floats, is measured.
 3. **pass-through**: ``bench.passthrough`` (consume raw, send raw, same Faust settings as
    ``agents.config.faust_settings``) on the same input bytes, in ``plain`` and ``batched``
    forms: the ceiling Faust itself puts on any node on this machine.
@@ -30,7 +32,7 @@ model-bound there; 8192 wide runs at ~450 items/s. On a GPU every width here is 
 model take turns; with one core left free they overlap.
 
 Run: ``.venv/bin/python -m bench.model_node [--quick] [--n 10000] [--batch 64]
-[--device auto|cpu|cuda] [--hidden 2048] [--torch-threads N]``.
+[--device auto|cpu|cuda] [--hidden 2048] [--torch-threads N] [--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -51,11 +54,12 @@ from bench._harness import (
     Stack,
     Workers,
     create_topics,
-    fmt,
     local_stack,
     measure_topic_run,
+    median,
     passthrough_run,
     ratio,
+    rounds,
     unique_name,
 )
 from bench.offline_torch import MLP, _save, offline_throughput, runner_throughput
@@ -105,18 +109,28 @@ def offline(path: Path, args: argparse.Namespace) -> tuple[float, float]:
     )
 
 
-def node_run(
-    stack: Stack, path: Path, args: argparse.Namespace
-) -> tuple[float, float, float, int, float, float]:
-    """(events/s, mean batch size, worker peak MiB, duplicates, inference items/s, torch busy
-    share) of one model node.
+@dataclass(frozen=True)
+class NodeRun:
+    """One model node run.
 
-    The last two come from the outputs: the events of a batch share its publish time and its
-    inference time (``latency_ms``). Inference items/s = items / summed inference time: the
-    model's own speed inside the worker, against the offline rate it shows how much the
+    ``inside`` and ``busy`` come from the outputs: the events of a batch share its publish
+    time and its inference time (``latency_ms``). ``inside`` = items / summed inference time:
+    the model's own speed inside the worker; against the offline rate it shows how much the
     model itself was slowed (cores shared with the event loop, the broker, ClickHouse).
-    Busy share = summed inference time / the measured span: how much of the time the model
-    ran at all (the node's plumbing keeps it fed when this is near 1)."""
+    ``busy`` = summed inference time / the span from the first inference's start to the last
+    batch's publish time: how much of the time the model ran at all (the node's plumbing
+    keeps it fed when this is near 1)."""
+
+    rate: float  # events/s
+    mean_batch: float
+    peak_mb: float
+    duplicates: int
+    inside: float  # items/s while inferring
+    busy: float  # share of the span
+
+
+def node_run(stack: Stack, path: Path, args: argparse.Namespace) -> NodeRun:
+    """One ``abdag worker`` running the model node on ``args.n`` backlogged events."""
     name = unique_name("mn")
     dag_file = stack.work / f"{name}.py"
     dag_file.write_text(
@@ -153,14 +167,16 @@ def node_run(
     batches = {(p["ts"], p["worker"]): (p["latency_ms"], p["batch_size"]) for p in preds}
     busy_s = sum(ms for ms, _ in batches.values()) / 1000.0
     items = sum(size for _, size in batches.values())
-    span = max(out.ts.values()) - min(out.ts.values())
-    return (
-        out.rate(),
-        statistics.fmean(sizes),
-        peak,
-        out.duplicates,
-        items / busy_s if busy_s else 0.0,
-        busy_s / span if span else 0.0,
+    # from the first batch's inference start (its publish time less its inference time)
+    first_ts, first_ms = min((ts, ms) for (ts, _), (ms, _) in batches.items())
+    span = max(p["ts"] for p in preds) - (first_ts - first_ms / 1000.0)
+    return NodeRun(
+        rate=out.rate(),
+        mean_batch=statistics.fmean(sizes),
+        peak_mb=peak,
+        duplicates=out.duplicates,
+        inside=items / busy_s if busy_s else 0.0,
+        busy=busy_s / span if span else 0.0,
     )
 
 
@@ -181,10 +197,14 @@ def main(argv: list[str] | None = None) -> Result:
         "default torch's own, one per core",
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up events")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="node rounds between offline runs (3)"
+    )
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
     args = parser.parse_args(argv)
     args.n = args.n or (1000 if args.quick else 10_000)
     args.warmup = args.warmup or max(4 * args.batch, 200)
+    args.repeat = args.repeat or (1 if args.quick else 3)
 
     torch.manual_seed(0)
     apply_cpu_threads(args.torch_threads)
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> Result:
             "device": args.device,
             "model": f"MLP {args.in_features}-{args.hidden}-{args.hidden}-1 (TorchScript)",
             "torch_threads": torch.get_num_threads(),
+            "repeat": args.repeat,
             "quick": args.quick,
         },
     )
@@ -208,17 +229,26 @@ def main(argv: list[str] | None = None) -> Result:
     with local_stack() as stack:
         example = torch.randn(args.in_features)
         path = _save(MLP(args.in_features, args.hidden).eval(), "torchscript", stack.work, example)
-        fwd1, run1 = offline(path, args)
-        rate, mean_batch, peak, dups, inside, busy = node_run(stack, path, args)
-        fwd2, run2 = offline(path, args)
-        fwd, run = max(fwd1, fwd2), max(run1, run2)  # the less disturbed run: the ceiling
+        offlines = [offline(path, args)]
+        nodes: list[NodeRun] = []
+        for r in range(args.repeat):
+            nodes.append(node_run(stack, path, args))
+            offlines.append(offline(path, args))
+            print(
+                f"round {r + 1}/{args.repeat}: node {nodes[-1].rate:,.0f} events/s, "
+                f"offline runner {offlines[-2][1]:,.0f} -> {offlines[-1][1]:,.0f} items/s",
+                flush=True,
+            )
         make = event_records()
         plain = passthrough_run(stack, make, args.n, mode="plain")
         batched = passthrough_run(stack, make, args.n, mode="batched")
 
+    fwd, run = median([f for f, _ in offlines]), median([r for _, r in offlines])
+    rate, inside = median([n.rate for n in nodes]), median([n.inside for n in nodes])
+    busy = median([n.busy for n in nodes])
     sec = "throughput"
-    res.add(sec, "offline torch forward", fwd, "items/s", note=f"{fmt(fwd1)} / {fmt(fwd2)}")
-    res.add(sec, "offline BatchRunner.run", run, "items/s", note=f"{fmt(run1)} / {fmt(run2)}")
+    res.add(sec, "offline torch forward", fwd, "items/s", note=rounds([f for f, _ in offlines]))
+    res.add(sec, "offline BatchRunner.run", run, "items/s", note=rounds([r for _, r in offlines]))
     res.add(
         sec,
         "model node (abdag worker)",
@@ -226,7 +256,15 @@ def main(argv: list[str] | None = None) -> Result:
         "events/s",
         ratio=ratio(rate, run),
         vs="offline runner",
-        note=f"mean batch {mean_batch:.1f}, re-delivered {dups}",
+        note="; ".join(
+            part
+            for part in (
+                f"mean batch {median([n.mean_batch for n in nodes]):.1f}",
+                f"re-delivered {sum(n.duplicates for n in nodes)}",
+                rounds([n.rate for n in nodes]),
+            )
+            if part
+        ),
     )
     res.add(sec, "model node", rate, "events/s", ratio=ratio(rate, fwd), vs="offline forward")
     res.add(
@@ -260,7 +298,7 @@ def main(argv: list[str] | None = None) -> Result:
         if (ratio(run, plain.rate) or 1) < 0.3
         else "NOT model-bound: Faust bounds the node",
     )
-    res.add("memory", "model node worker peak RSS", peak, "MiB")
+    res.add("memory", "model node worker peak RSS", max(n.peak_mb for n in nodes), "MiB")
     target = ratio(rate, run)
     if target is not None:
         res.note(

@@ -1,0 +1,50 @@
+"""The model node's hand-over between the agent (reading, decoding) and its inference loop."""
+
+import asyncio
+
+import pytest
+
+from agents.app import _hand_over
+
+
+def test_hand_over_puts_the_batch_when_the_queue_has_room():
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        consumer = asyncio.ensure_future(asyncio.sleep(10))
+        await _hand_over(queue, "batch 1", consumer)
+        consumer.cancel()
+        return queue.get_nowait()
+
+    assert asyncio.run(scenario()) == "batch 1"
+
+
+def test_hand_over_waits_for_room_then_puts():
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        queue.put_nowait("batch 1")
+        consumer = asyncio.ensure_future(asyncio.sleep(10))
+        handing = asyncio.ensure_future(_hand_over(queue, "batch 2", consumer))
+        await asyncio.sleep(0.01)
+        waited = not handing.done()
+        first = queue.get_nowait()
+        await handing
+        consumer.cancel()
+        return waited, first, queue.get_nowait()
+
+    assert asyncio.run(scenario()) == (True, "batch 1", "batch 2")
+
+
+def test_a_failed_inference_loop_raises_in_the_agent_instead_of_leaving_it_waiting():
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        queue.put_nowait("batch 1")  # full: the put waits
+
+        async def failing_loop():
+            await asyncio.sleep(0.01)
+            raise ConnectionError("output undeliverable")
+
+        consumer = asyncio.ensure_future(failing_loop())
+        await asyncio.wait_for(_hand_over(queue, "batch 2", consumer), timeout=5)
+
+    with pytest.raises(ConnectionError, match="output undeliverable"):
+        asyncio.run(scenario())
