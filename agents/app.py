@@ -612,14 +612,14 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     @rt.app.agent(source, name=f"{node.name}-join")
     async def compare(stream):
         # A batch at a time: the join itself does no I/O, the table writes of a request are
-        # one changelog record per batch, and the batch's sends are queued together. The
-        # batch is acknowledged once its sends are queued (see _Batches).
+        # one changelog record per batch, and the batch's sends (changelog included) are
+        # queued together. The batch is acknowledged once its sends are queued (see _Batches).
         async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             out = _JoinOutput()
             for e in events:
                 store.event = e
                 handle(e, out)
-            store.flush()
+            await rt.output.send_all(store.flush())
             for err, e in out.dead:
                 await rt.dead(node.name, err, e)
             await rt.send(served_name, out.served)
