@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -51,6 +51,7 @@ from topics import (
     decode_event,
     decode_label,
     encode,
+    fields_of,
     input_topic,
     label_from_raw,
     node_topic,
@@ -455,7 +456,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                 code = "model error" if reason.startswith("model") else "bad input"
                 await rt.dead(node.name, BadRecord(code, reason, ev.request_id), e)
                 continue
-            ev.outputs[node.name] = asdict(
+            ev.outputs[node.name] = fields_of(
                 Prediction(
                     model=node.name,
                     version=version,
@@ -575,7 +576,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             else:
                 ev = decode_event(e.value)
                 side, model = ("a", node.a) if topic == a_topic else ("b", node.b)
-                pred = asdict(ev.prediction(model))
+                pred = fields_of(ev.prediction(model))
                 pred["request_ts"] = ev.ts
                 emitted = join.offer_prediction(side, ev.request_id, pred, now)
                 choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)

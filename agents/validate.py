@@ -9,7 +9,6 @@ dtype fails here, naming the node and the file, instead of in a worker at 3 am.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import orjson
 
@@ -25,7 +24,7 @@ from agents.dag import (
     Transform,
 )
 from agents.errors import DagError
-from topics import BadRecord, Event, Prediction, request_from_raw
+from topics import BadRecord, Event, Prediction, fields_of, request_from_raw
 
 
 def validate(dag: Dag, *, load_models: bool = True) -> None:
@@ -162,5 +161,5 @@ def _dry_run(dag: Dag, order: list[Node]) -> None:
                 node.name, model.version, res.output, res.score, res.label, 0.0, "", 1, 0.0
             )
             events[node.name] = Event(
-                ev.request_id, ev.ts, ev.payload, {**ev.outputs, node.name: asdict(pred)}
+                ev.request_id, ev.ts, ev.payload, {**ev.outputs, node.name: fields_of(pred)}
             )

@@ -20,6 +20,7 @@ from topics.records import (
     decode_event,
     decode_label,
     encode,
+    fields_of,
     label_from_raw,
     request_from_raw,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "decode_event",
     "decode_label",
     "encode",
+    "fields_of",
     "input_topic",
     "label_from_raw",
     "node_topic",

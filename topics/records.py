@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import math
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -96,10 +96,20 @@ class DeadLetter:
 
 _KINDS = {"event": Event, "label": Label, "dead_letter": DeadLetter}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (Prediction, *_KINDS.values())}
+
+
+def fields_of(record: Prediction | Event | Label | DeadLetter) -> dict[str, Any]:
+    """A record's fields as a new dict that shares their values.
+
+    Not ``dataclasses.asdict``: it deep-copies the payload and every output, 40x slower on
+    an event (80 vs 2 us), and it ran several times per request in a busy worker.
+    """
+    return {name: getattr(record, name) for name in _FIELDS[type(record)]}
 
 
 def encode(record: Event | Label | DeadLetter) -> bytes:
-    body = asdict(record)
+    body = fields_of(record)
     if isinstance(record, DeadLetter):
         body["original"] = base64.b64encode(record.original).decode()
     return orjson.dumps({"v": SCHEMA_VERSION, "kind": _KIND_OF[type(record)], **body})
