@@ -64,11 +64,12 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from abdag.cli import UserError
     from agents.app import build_app
-    from agents.config import hold_log_level
+    from agents.config import hold_log_level, tune_interpreter
     from agents.topology import dag_topics
     from models import ModelError, apply_cpu_threads
     from topics.admin import ensure_topics
 
+    tune_interpreter()
     try:
         apply_cpu_threads(os.environ.get("ABDAG_TORCH_THREADS"))
     except ModelError as exc:

@@ -62,6 +62,7 @@ from topics import (
 )
 
 log = logging.getLogger("abdag.worker")
+INLINE_BELOW_MS = 2.0  # a model node infers a batch this quick on the event loop
 TAKE_MAX = 500
 TAKE_WITHIN = 0.05
 # The pairs topic carries lists of rows (one record per partition and batch, not per pair:
@@ -473,6 +474,19 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         await rt.send(out, ready)
         await batches.finish(events)
 
+    inline = True  # the last batch was quick enough to infer on the event loop
+
+    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], float, str]:
+        """Infer in the executor thread, so the event loop works meanwhile, unless the last
+        batch took under INLINE_BELOW_MS: then the thread hop and the GIL hand-overs after
+        each torch call cost more than they overlap, so the loop infers it itself. (The
+        model ran on a sample event at start-up, so a slow one blocks the loop for one
+        batch at most.)"""
+        nonlocal inline
+        inferred = infer(inputs) if inline else await rt.in_thread(infer, inputs)
+        inline = inferred[1] < INLINE_BELOW_MS
+        return inferred
+
     async def infer_in_order(batches: _Batches, decoded_batches: asyncio.Queue) -> None:
         """Infer the decoded batches one after another, each sent on while the next infers.
 
@@ -482,7 +496,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         try:
             while True:
                 events, decoded, inputs = await decoded_batches.get()
-                inferred = await rt.in_thread(infer, inputs) if inputs else None
+                inferred = await infer_batch(inputs) if inputs else None
                 if publishing is not None:
                     await publishing  # in order: batch k is out before batch k+1 is sent
                     publishing = None

@@ -1,7 +1,8 @@
 """A minimal Faust pass-through worker: the reference every node is compared against.
 
 One agent consumes raw bytes from one topic and sends the same key and value to another,
-with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`).
+with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`)
+and its interpreter settings (:func:`agents.config.tune_interpreter`).
 Three forms:
 
 * ``plain``: ``async for event in stream.events(): await out.send(...)``, the textbook agent;
@@ -23,7 +24,7 @@ import sys
 import faust
 
 from abdag.settings import Settings
-from agents.config import faust_settings, hold_log_level
+from agents.config import faust_settings, hold_log_level, tune_interpreter
 from bench._harness import PARTITIONS
 
 TAKE_MAX = 500
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sink", required=True)
     parser.add_argument("--mode", choices=("plain", "batched", "take_seq"), default="plain")
     args = parser.parse_args(argv)
+    tune_interpreter()  # as `abdag worker` does
     app = build_app(Settings.from_env(), args.app_id, args.source, args.sink, args.mode)
     hold_log_level(app, "warn")  # as `abdag worker` does
     sys.argv = ["bench-passthrough", "worker", "--loglevel", "warn", "--without-web"]
