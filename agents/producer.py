@@ -2,10 +2,10 @@
 
 Faust's producer is aiokafka's, in Python on the event loop: its send path was ~20% of a
 busy worker's time, and a Faust pass-through agent sending with a confluent-kafka producer
-ran 3.3x faster (3.0k -> 9.8k events/s on a 2-core machine). In abdag the comparison node
-alone went from 917 to 1,328 pairs/s with its output sent here, and from 1,100 to 2,312
-with its join table's changelog too (``agents.tables``; bench.comparison, back-to-back
-runs). librdkafka batches, sends and retries in its own threads.
+ran 3.3x faster (3.0k -> 9.8k events/s on a 2-core machine). In abdag, sending the
+comparison node's join-table changelog here too (``agents.tables``) was the largest of the
+steps that took the comparison node alone from 810 to 1,777 pairs/s in one session
+(bench.comparison, back to back). librdkafka batches, sends and retries in its own threads.
 
 At-least-once needs every record an event caused to be delivered before the event's offset
 is committed. Faust flushes only its own producer before a commit, so abdag's consumer

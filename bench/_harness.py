@@ -323,6 +323,7 @@ class PairStats:
     p50_ms: float
     p99_ms: float
     workers: int  # distinct workers that wrote the pairs
+    last_ts: float  # the newest paired_ts (epoch seconds)
 
 
 def pair_stats(stack: Stack, experiments: Sequence[str], prefix: str) -> PairStats:
@@ -333,16 +334,16 @@ def pair_stats(stack: Stack, experiments: Sequence[str], prefix: str) -> PairSta
             "SELECT count(), toFloat64(max(paired_ts)) - toFloat64(min(paired_ts)), "
             "quantileExact(0.5)(dateDiff('millisecond', request_ts, paired_ts)), "
             "quantileExact(0.99)(dateDiff('millisecond', request_ts, paired_ts)), "
-            "uniqExact(worker) "
+            "uniqExact(worker), toFloat64(max(paired_ts)) "
             "FROM pairs FINAL WHERE experiment IN {e:Array(String)} "
             "AND startsWith(request_id, {p:String}) AND status = 'paired'",
             parameters={"e": list(experiments), "p": prefix},
         )
         .result_rows[0]
     )
-    n, span, p50, p99, workers = row
+    n, span, p50, p99, workers, last = row
     rate = (n - 1) / span if n > 1 and span > 0 else float("nan")
-    return PairStats(int(n), rate, float(p50), float(p99), int(workers))
+    return PairStats(int(n), rate, float(p50), float(p99), int(workers), float(last or 0.0))
 
 
 # -- worker processes --------------------------------------------------------------------
