@@ -511,7 +511,8 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def model_node(stream):
         # Three batches overlap: this body reads and decodes batch k+2 while the executor
-        # thread infers batch k+1 and batch k is sent on.
+        # thread infers batch k+1 and batch k is sent on (a quick model infers on the loop:
+        # see infer_batch).
         batches = _Batches(stream, node.max_batch, node.max_wait, by_hand=True)
         decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
         inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
