@@ -19,6 +19,7 @@ table from them as ever.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -38,7 +39,6 @@ class JsonTable(MutableMapping):
     def __init__(self, table: Any) -> None:
         self.table = table
         self.event: Any = None
-        self._changelog: str | None = None
         self._held: dict[str, Any] = {}  # key -> dict, or _DELETED
         self._origin: dict[str, Any] = {}  # key -> event of its last held write
 
@@ -104,11 +104,9 @@ class JsonTable(MutableMapping):
         self.event = None
         return records
 
-    @property
+    @cached_property
     def changelog_topic(self) -> str:
-        if self._changelog is None:
-            self._changelog = self.table.changelog_topic.get_topic_name()
-        return self._changelog
+        return self.table.changelog_topic.get_topic_name()
 
     def __iter__(self):
         self._require_flushed()
