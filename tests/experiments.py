@@ -82,3 +82,31 @@ def wait_for_counts(settings, experiment: str, timeout: float = 120, **expected:
             return pair_counts(settings, experiment)
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {expected}; ClickHouse has {counts}")
+
+
+def snapshot_pairs(settings, experiment: str) -> dict[int, int]:
+    """Pairs counted by the newest metric snapshot of each partition."""
+    try:
+        rows = (
+            connect(settings)
+            .query(
+                "SELECT partition, argMax(value, ts) FROM metric_snapshots WHERE "
+                "experiment = {e:String} AND model = 'pair' AND metric = 'n' GROUP BY partition",
+                parameters={"e": experiment},
+            )
+            .result_rows
+        )
+    except Exception:  # noqa: BLE001 - the table appears with the first insert
+        return {}
+    return {int(p): int(v) for p, v in rows}
+
+
+def wait_for_snapshots(settings, experiment: str, pairs: int, timeout: float = 30) -> int:
+    """Wait until the snapshots count ``pairs`` pairs: they are written every
+    ``snapshot_interval`` and batched by their sink, so they trail the pairs by seconds."""
+    deadline = time.monotonic() + timeout
+    counted = sum(snapshot_pairs(settings, experiment).values())
+    while counted < pairs and time.monotonic() < deadline:
+        time.sleep(0.5)
+        counted = sum(snapshot_pairs(settings, experiment).values())
+    return counted

@@ -17,7 +17,14 @@ from statsmodels.stats.contingency_tables import mcnemar
 from abdag.clickhouse import connect
 from abdag.demo.fraud import generate
 from comparators.report import build_report
-from tests.experiments import offline_scores, pair_counts, wait_for_counts, write_compare_dag
+from tests.experiments import (
+    offline_scores,
+    pair_counts,
+    snapshot_pairs,
+    wait_for_counts,
+    wait_for_snapshots,
+    write_compare_dag,
+)
 from tests.workers import start_worker, stop_worker
 from topics import input_topic
 from topics.producer import produce
@@ -40,8 +47,11 @@ def stream():
     return events, labels, label_msgs
 
 
-def run(stack, env, tmp_path, models, stream, *, workers=1, disrupt=None) -> tuple[str, object]:
-    """Run the stream through a fresh DAG; return (experiment, report)."""
+def run(
+    stack, env, tmp_path, models, stream, *, workers=1, disrupt=None, snapshots=False
+) -> tuple[str, object]:
+    """Run the stream through a fresh DAG; return (experiment, report). ``snapshots``: also
+    wait (bounded) for the metric snapshots to count every pair before the worker stops."""
     events, _, label_msgs = stream
     name = f"c{uuid.uuid4().hex[:8]}"
     dag_file = write_compare_dag(tmp_path / f"{name}.py", name, models)
@@ -64,6 +74,8 @@ def run(stack, env, tmp_path, models, stream, *, workers=1, disrupt=None) -> tup
         counts = wait_for_counts(
             stack, experiment, paired=N - DROP_B, labelled=N - DROP_B, missing_b=DROP_B
         )
+        if snapshots:
+            wait_for_snapshots(stack, experiment, N - DROP_B)
     finally:
         for p in procs:
             stop_worker(p)
@@ -87,7 +99,7 @@ def clean_run(stack, tmp_path_factory, fraud_models, stream):
         ABDAG_CLICKHOUSE_URL=stack.clickhouse_url,
         ABDAG_DATA_DIR=str(stack.data_dir),
     )
-    return run(stack, env, tmp_path_factory.mktemp("clean"), fraud_models, stream)
+    return run(stack, env, tmp_path_factory.mktemp("clean"), fraud_models, stream, snapshots=True)
 
 
 def test_every_metric_in_clickhouse_equals_scikit_learn(clean_run, fraud_models, stream):
@@ -148,17 +160,9 @@ def test_early_and_late_labels_both_join_and_refused_requests_are_unpaired(clean
 
 def test_live_river_snapshots_are_written_per_partition(clean_run, stack):
     experiment, _ = clean_run
-    rows = (
-        connect(stack)
-        .query(
-            "SELECT partition, argMax(value, ts) FROM metric_snapshots "
-            "WHERE experiment = {e:String} AND model = 'pair' AND metric = 'n' GROUP BY partition",
-            parameters={"e": experiment},
-        )
-        .result_rows
-    )
-    assert len(rows) == 4
-    assert sum(v for _, v in rows) == N - DROP_B  # merged over partitions: every pair once
+    per_partition = snapshot_pairs(stack, experiment)
+    assert sorted(per_partition) == [0, 1, 2, 3]
+    assert sum(per_partition.values()) == N - DROP_B  # merged over partitions: every pair once
 
 
 def _same_metrics(report, reference):
