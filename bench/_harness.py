@@ -51,6 +51,7 @@ from abdag.settings import Settings
 from abdag.stack import LocalStack
 from abdag.stack.processes import free_port
 from topics.admin import ensure_topics
+from topics.producer import pace
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -156,9 +157,7 @@ def produce(
     start = time.monotonic()
     for i in range(n):
         if rate:
-            ahead = start + i / rate - time.monotonic()
-            if ahead > 0:
-                producer.poll(ahead)
+            pace(producer, start + i / rate)
         key, value = make(i)
         while True:
             try:

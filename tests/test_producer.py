@@ -1,5 +1,6 @@
-"""The agents' output producer on the real broker: Faust's placement, headers, and a commit
-gate that opens only once the records queued before it are delivered."""
+"""Producers on the real broker: the agents' output producer (Faust's placement, headers,
+and a commit gate that opens only once the records queued before it are delivered), and
+`abdag produce`'s rate limit."""
 
 import asyncio
 import time
@@ -11,6 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.producer import DeliveryFailed, OutputProducer, OutRecord
+from topics.producer import produce
 
 PARTITIONS = 4
 
@@ -81,3 +83,14 @@ def test_an_undeliverable_record_fails_the_commit_gate(stack):
 
     with pytest.raises(DeliveryFailed, match="not delivered"):
         asyncio.run(send())
+
+
+def test_produce_with_a_rate_spreads_the_events_over_time(stack):
+    topic = new_topic(stack)
+    n, rate = 60, 100.0
+    events = ({"request_id": f"r{i}"} for i in range(n))
+    assert produce(stack.broker, topic, events, rate=rate, progress=False) == n
+    stamps = sorted(m.timestamp()[1] for m in read_all(stack, topic, n))
+    assert len(stamps) == n
+    # the broker's create times: a burst (the rate ignored) spans a few milliseconds
+    assert (stamps[-1] - stamps[0]) / 1000 >= 0.95 * (n - 1) / rate
