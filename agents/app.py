@@ -25,7 +25,7 @@ import orjson
 
 from abdag.clickhouse import connect
 from abdag.settings import Settings
-from agents.config import broker_kind, faust_settings, fetch_max_wait_ms
+from agents.config import broker_kind, faust_settings, fetch_wait
 from agents.consumer import use_resume_at_committed_consumer
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
 from agents.producer import OutputProducer, OutRecord
@@ -112,7 +112,7 @@ class DagRuntime:
         self._schema_lock = threading.Lock()
         use_resume_at_committed_consumer(
             self.app,
-            fetch_max_wait_ms=fetch_max_wait_ms(settings),
+            fetch_wait=fetch_wait(settings),
             end_offsets_from_fetch=broker_kind(settings) == "tansu",
             before_commit=self.output.delivered,
         )

@@ -24,12 +24,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from abdag.settings import Settings
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the A/B DAG: +7% pairs/s against 5 ms (bench.end_to_end)
+BUSY_FETCH_WAIT_MS = 40  # Tansu, while records flow (see FetchWait)
+IDLE_FETCH_WAIT_MS = 500  # Tansu, after 2 s without records
 
 
 def tune_interpreter() -> None:
@@ -71,19 +74,59 @@ def faust_settings(settings: Settings, *, partitions: int, app_id: str) -> dict[
     return conf
 
 
-def fetch_max_wait_ms(settings: Settings) -> int | None:
-    """How long the broker may hold a fetch that finds no new records:
-    ``ABDAG_FETCH_MAX_WAIT_MS``, default 500 on Tansu, Faust's own 1500 on Kafka.
+@dataclass
+class FetchWait:
+    """How long the broker may hold a fetch that finds no new records: ``busy_ms`` while
+    records flow, ``idle_ms`` once none came for ``idle_after_s`` seconds.
 
-    Measured on Tansu with one record produced every 0.37 s to an idle topic: produce ->
-    consume took ~380 ms at 1500 ms (Faust's fixed value) and 6 ms at 500 ms (aiokafka's
-    default), and the A/B DAG has four such hops per request. 50 ms took the A/B DAG's p50
-    at 50 requests/s from 0.7-0.86 s to 0.18-0.25 s, but an idle worker and the broker then
-    used 21% of a core together (8% at 500 ms)."""
+    Why both: Tansu re-reads the log of a held fetch only a few times during the wait (at
+    its end when under 250 ms remain), so under traffic each hop of a DAG costs up to
+    ``busy_ms``; a short wait when idle keeps the worker and the broker busy answering
+    empty fetches.
+
+    >>> wait = FetchWait(busy_ms=40, idle_ms=500, idle_after_s=2.0)
+    >>> wait.after_fetch(got_records=True, now=10.0)
+    40
+    >>> wait.after_fetch(got_records=False, now=11.0)
+    40
+    >>> wait.after_fetch(got_records=False, now=12.5)
+    500
+    """
+
+    busy_ms: int
+    idle_ms: int
+    idle_after_s: float = 2.0
+    last_records: float = float("-inf")
+
+    def after_fetch(self, got_records: bool, now: float) -> int:
+        """The wait for the next fetch, given whether this one returned records."""
+        if got_records:
+            self.last_records = now
+        return self.busy_ms if now - self.last_records < self.idle_after_s else self.idle_ms
+
+
+def fetch_wait(settings: Settings) -> FetchWait | None:
+    """The workers' fetch wait: ``ABDAG_FETCH_MAX_WAIT_MS`` fixes it; by default on Tansu it
+    is 40 ms while records flow and 500 ms when idle; on Kafka it is Faust's own (1500 ms:
+    Kafka answers a held fetch as soon as records arrive).
+
+    Measured on Tansu (A/B DAG, one worker, requests paced at 50/s, two rounds): produce ->
+    pair p50 590-660 ms with a fixed 500 ms, 120-134 ms with a fixed 40 ms, 122-129 ms with
+    40/500; idle, worker + broker used 10% of a core with 500 or 40/500, 25% with a fixed
+    40 ms. While busy the short wait costs CPU: at 50 requests/s worker + broker 31% -> 59%
+    of a core. Faust's own 1500 ms cost ~380 ms per hop."""
     value = os.environ.get("ABDAG_FETCH_MAX_WAIT_MS")
     if value is not None:
-        return int(value)
-    return 500 if broker_kind(settings) == "tansu" else None
+        try:
+            ms = int(value)
+        except ValueError:
+            raise ValueError(
+                f"ABDAG_FETCH_MAX_WAIT_MS must be a whole number of milliseconds, got {value!r}"
+            ) from None
+        return FetchWait(busy_ms=ms, idle_ms=ms)
+    if broker_kind(settings) == "tansu":
+        return FetchWait(busy_ms=BUSY_FETCH_WAIT_MS, idle_ms=IDLE_FETCH_WAIT_MS)
+    return None
 
 
 LOG_LEVELS = {"crit": 50, "error": 40, "warn": 30, "info": 20, "debug": 10}

@@ -42,11 +42,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP, Message
+
+from agents.config import FetchWait
 
 log = logging.getLogger("abdag.consumer")
 RESEEKS = 3
@@ -54,10 +57,10 @@ REFETCH_AFTER = 5.0  # seconds an unacknowledged record may trail acknowledged o
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread with the broker's fetch wait set by abdag (see
-    :func:`use_resume_at_committed_consumer`)."""
+    """Faust's consumer thread with the broker's fetch wait set by abdag, short while
+    records flow and long when idle (see :class:`agents.config.FetchWait`)."""
 
-    fetch_max_wait_ms: int | None = None
+    fetch_wait: FetchWait | None = None
     _assigned_raw: Any = None
     _assigned: frozenset[TP] = frozenset()
 
@@ -76,16 +79,25 @@ class _ConsumerThread(AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        if self.fetch_max_wait_ms is not None:
+        if self.fetch_wait is not None:
             # read by the client when it starts its fetcher; Faust hard-codes 1500 ms
-            consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+            consumer._fetch_max_wait_ms = self.fetch_wait.idle_ms
         return consumer
+
+    async def _fetch_records(self, consumer: Any, *args: Any, **kwargs: Any) -> Any:
+        records = await super()._fetch_records(consumer, *args, **kwargs)
+        if self.fetch_wait is not None and consumer._fetcher is not None:
+            # the fetcher reads it again for every fetch request it builds
+            consumer._fetcher._fetch_max_wait_ms = self.fetch_wait.after_fetch(
+                bool(records), time.monotonic()
+            )
+        return records
 
 
 class ResumeAtCommittedConsumer(AIOKafkaConsumer):
     """An aiokafka-driven Faust consumer that resumes exactly at the committed offsets."""
 
-    fetch_max_wait_ms: int | None = None
+    fetch_wait: FetchWait | None = None
     end_offsets_from_fetch: bool = False  # the broker's ListOffsets(latest) undercounts
     before_commit: Callable[[], Awaitable[None]] | None = None
 
@@ -110,7 +122,7 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         thread = _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-        thread.fetch_max_wait_ms = self.fetch_max_wait_ms
+        thread.fetch_wait = replace(self.fetch_wait) if self.fetch_wait else None
         return thread
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -256,15 +268,15 @@ async def fetched_end_offsets(
 def use_resume_at_committed_consumer(
     app: Any,
     *,
-    fetch_max_wait_ms: int | None = None,
+    fetch_wait: FetchWait | None = None,
     end_offsets_from_fetch: bool = False,
     before_commit: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Make ``app`` create :class:`ResumeAtCommittedConsumer` (call before it starts).
 
-    ``fetch_max_wait_ms``: how long the broker may hold a fetch that finds no new records.
-    Faust fixes it at 1500 ms, which on Tansu delayed each hop of the DAG by ~380 ms
-    (see :func:`agents.config.fetch_max_wait_ms`). ``end_offsets_from_fetch``: read
+    ``fetch_wait``: how long the broker may hold a fetch that finds no new records (Faust
+    fixes it at 1500 ms, which on Tansu delayed each hop of the DAG by ~380 ms; see
+    :class:`agents.config.FetchWait`). ``end_offsets_from_fetch``: read
     changelog ends with :func:`fetched_end_offsets` (Tansu). ``before_commit``: awaited
     before every offset commit; if it raises, nothing is committed and the worker crashes
     (``agents.producer``: the agents' records must be delivered first).
@@ -273,7 +285,7 @@ def use_resume_at_committed_consumer(
         "ResumeAtCommittedConsumer",
         (ResumeAtCommittedConsumer,),
         {
-            "fetch_max_wait_ms": fetch_max_wait_ms,
+            "fetch_wait": fetch_wait,
             "end_offsets_from_fetch": end_offsets_from_fetch,
             "before_commit": staticmethod(before_commit) if before_commit else None,
         },

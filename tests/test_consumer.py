@@ -1,11 +1,15 @@
-"""How abdag's worker consumer reads the broker where Faust would be misled."""
+"""How abdag's worker consumer reads the broker where Faust would be misled, and how long
+it lets the broker hold a fetch."""
 
 import asyncio
 import uuid
 
+import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from abdag.settings import Settings
+from agents.config import FetchWait, fetch_wait
 from agents.consumer import fetched_end_offsets
 
 
@@ -106,3 +110,26 @@ def test_a_failed_delivery_gate_commits_nothing_and_stops_the_worker(stack, stac
     finally:
         reader.close()
     assert [tp.offset for tp in committed] == [-1001, -1001]  # nothing committed
+
+
+def test_fetch_wait_is_short_while_records_flow_on_tansu_and_fixed_by_the_environment(
+    monkeypatch,
+):
+    settings = Settings.from_env()
+    monkeypatch.delenv("ABDAG_FETCH_MAX_WAIT_MS", raising=False)
+    monkeypatch.setenv("ABDAG_BROKER_KIND", "tansu")
+    wait = fetch_wait(settings)
+    assert (wait.busy_ms, wait.idle_ms) == (40, 500)
+    assert wait.after_fetch(got_records=False, now=0.0) == 500  # nothing seen yet: idle
+    assert wait.after_fetch(got_records=True, now=1.0) == 40
+    assert wait.after_fetch(got_records=False, now=2.9) == 40
+    assert wait.after_fetch(got_records=False, now=3.1) == 500
+
+    monkeypatch.setenv("ABDAG_BROKER_KIND", "kafka")  # Kafka answers held fetches at once
+    assert fetch_wait(settings) is None
+
+    monkeypatch.setenv("ABDAG_FETCH_MAX_WAIT_MS", "50")
+    assert fetch_wait(settings) == FetchWait(busy_ms=50, idle_ms=50)
+    monkeypatch.setenv("ABDAG_FETCH_MAX_WAIT_MS", "fast")
+    with pytest.raises(ValueError, match="ABDAG_FETCH_MAX_WAIT_MS"):
+        fetch_wait(settings)
