@@ -31,7 +31,7 @@ from typing import Any
 from abdag.settings import Settings
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # the A/B DAG: +7% pairs/s against 5 ms (bench.end_to_end)
-BUSY_FETCH_WAIT_MS = 40  # Tansu, while records flow (see FetchWait)
+BUSY_FETCH_WAIT_MS = 100  # Tansu, while records flow (see FetchWait)
 IDLE_FETCH_WAIT_MS = 500  # Tansu, after 2 s without records
 
 
@@ -84,11 +84,11 @@ class FetchWait:
     ``busy_ms``; a short wait when idle keeps the worker and the broker busy answering
     empty fetches.
 
-    >>> wait = FetchWait(busy_ms=40, idle_ms=500, idle_after_s=2.0)
+    >>> wait = FetchWait(busy_ms=100, idle_ms=500, idle_after_s=2.0)
     >>> wait.after_fetch(got_records=True, now=10.0)
-    40
+    100
     >>> wait.after_fetch(got_records=False, now=11.0)
-    40
+    100
     >>> wait.after_fetch(got_records=False, now=12.5)
     500
     """
@@ -107,14 +107,15 @@ class FetchWait:
 
 def fetch_wait(settings: Settings) -> FetchWait | None:
     """The workers' fetch wait: ``ABDAG_FETCH_MAX_WAIT_MS`` fixes it; by default on Tansu it
-    is 40 ms while records flow and 500 ms when idle; on Kafka it is Faust's own (1500 ms:
+    is 100 ms while records flow and 500 ms when idle; on Kafka it is Faust's own (1500 ms:
     Kafka answers a held fetch as soon as records arrive).
 
-    Measured on Tansu (A/B DAG, one worker, requests paced at 50/s, two rounds): produce ->
-    pair p50 590-660 ms with a fixed 500 ms, 120-134 ms with a fixed 40 ms, 122-129 ms with
-    40/500; idle, worker + broker used 10% of a core with 500 or 40/500, 25% with a fixed
-    40 ms. While busy the short wait costs CPU: at 50 requests/s worker + broker 31% -> 59%
-    of a core. Faust's own 1500 ms cost ~380 ms per hop."""
+    Measured on Tansu (A/B DAG, one worker, requests paced at 50/s, two rounds each):
+    produce -> pair p50 590-660 ms with a fixed 500 ms, 183 ms with 100/500, 122-129 ms
+    with 40/500. Idle, worker + broker used 10% of a core with 500, 100/500 or 40/500, 25%
+    with a fixed 40 ms. 40 ms while busy cost throughput where the broker shares the cores
+    with the models: two pinned model-bound workers made 158-172 pairs/s against 197-202
+    with 500 or 100. Faust's own 1500 ms cost ~380 ms per hop."""
     value = os.environ.get("ABDAG_FETCH_MAX_WAIT_MS")
     if value is not None:
         try:

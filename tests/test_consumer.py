@@ -119,10 +119,10 @@ def test_fetch_wait_is_short_while_records_flow_on_tansu_and_fixed_by_the_enviro
     monkeypatch.delenv("ABDAG_FETCH_MAX_WAIT_MS", raising=False)
     monkeypatch.setenv("ABDAG_BROKER_KIND", "tansu")
     wait = fetch_wait(settings)
-    assert (wait.busy_ms, wait.idle_ms) == (40, 500)
+    assert (wait.busy_ms, wait.idle_ms) == (100, 500)
     assert wait.after_fetch(got_records=False, now=0.0) == 500  # nothing seen yet: idle
-    assert wait.after_fetch(got_records=True, now=1.0) == 40
-    assert wait.after_fetch(got_records=False, now=2.9) == 40
+    assert wait.after_fetch(got_records=True, now=1.0) == 100
+    assert wait.after_fetch(got_records=False, now=2.9) == 100
     assert wait.after_fetch(got_records=False, now=3.1) == 500
 
     monkeypatch.setenv("ABDAG_BROKER_KIND", "kafka")  # Kafka answers held fetches at once
