@@ -41,7 +41,8 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 - **End-to-end** requests/s use wall time: first produce call until every expected pair is
   visible in ClickHouse (polled every 0.25 s).
 - **Latency** = `paired_ts - request_ts` per request, `request_ts` being the `ts` the
-  producer put in the event at send time.
+  producer put in the event at send time; request i is sent at `start + i / rate`
+  (`topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
 - **Peak RSS** = `VmHWM` of the worker process from `/proc/<pid>/status`.
 - Ratios are between figures of the same run. The broker, ClickHouse, the workers and the
   bench driver share the machine's cores, so absolute figures are machine-bound.
