@@ -282,9 +282,8 @@ def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
             _model_agent(rt, node)
         elif isinstance(node, Comparison):
             _comparison_agents(rt, node)
-    comparisons = [n for n in dag.topological() if isinstance(n, Comparison)]
-    if comparisons:
-        _result_sinks(rt, comparisons)
+    if any(isinstance(n, Comparison) for n in dag.topological()):
+        _result_sinks(rt)
         _decisions_follower(rt)
     _dead_letter_sink(rt)
     return rt.app, rt
@@ -556,8 +555,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     tick_topic = f"abdag.{dag}.{node.name}.ticks"
     names = [a_topic, b_topic] + ([label_topic] if label_topic else []) + [tick_topic]
     source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
-    pairs_name, served_name = pairs_topic(dag, node.name), served_topic(dag, node.name)
-    snaps_name = snapshots_topic(dag, node.name)
+    pairs_name, served_name = pairs_topic(dag), served_topic(dag, node.name)
+    snaps_name = snapshots_topic(dag)
     control = rt.controls[experiment] = {"promoted": False, "retired": False}
     table = rt.app.Table(
         f"{node.name}-join",
@@ -694,39 +693,40 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         await rt.in_thread(experiments_sink.write, [row])
 
 
-def _result_sinks(rt: DagRuntime, comparisons: list[Comparison]) -> None:
-    """One pairs sink and one snapshots sink for all the DAG's comparisons (rows carry their
-    experiment): with a sink per comparison, 50 comparisons made ~100 small inserts/s."""
+def _result_sinks(rt: DagRuntime) -> None:
+    """One pairs sink and one snapshots sink for all the DAG's comparisons, each reading the
+    DAG's one topic of such rows (rows carry their experiment): with a sink per comparison,
+    50 comparisons made ~100 small inserts/s."""
     dag = rt.dag.name
-    pair_names = {pairs_topic(dag, c.name): c.name for c in comparisons}
-    snap_names = {snapshots_topic(dag, c.name): c.name for c in comparisons}
     pair_sink = rt.sink("pairs", PAIR_COLUMNS)
     snap_sink = rt.sink("metric_snapshots", SNAPSHOT_COLUMNS)
 
-    def topics(names: dict[str, str]) -> Any:
-        return rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
+    def topic(name: str) -> Any:
+        return rt.app.topic(name, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
 
-    @rt.app.agent(topics(pair_names), name="pairs-sink")
+    def comparison(row: dict, sink: str) -> str:
+        """The node a refused row came from, for its dead letter."""
+        return str(row.get("experiment", "")).removeprefix(f"{dag}.") or sink
+
+    @rt.app.agent(topic(pairs_topic(dag)), name="pairs-sink")
     async def write_pairs(stream):
         async for events in _Batches(stream, 5000, 0.5):
             rows, origins = [], []
             for e in events:
                 packed = orjson.loads(e.value)
-                origin = (pair_names.get(e.message.topic, "pairs-sink"), e.value)
                 for r in packed if isinstance(packed, list) else [packed]:
                     rows.append(to_insert_values(r))
-                    origins.append(origin)
+                    origins.append((comparison(r, "pairs-sink"), e.value))
             await rt.write_rows(pair_sink, rows, origins)
 
-    @rt.app.agent(topics(snap_names), name="snapshot-sink")
+    @rt.app.agent(topic(snapshots_topic(dag)), name="snapshot-sink")
     async def write_snapshots(stream):
         async for events in _Batches(stream, 1000, 1.0):
             rows, origins = [], []
             for e in events:
-                origin = (snap_names.get(e.message.topic, "snapshot-sink"), e.value)
                 for r in orjson.loads(e.value):
                     rows.append([r[c] for c in SNAPSHOT_COLUMNS])
-                    origins.append(origin)
+                    origins.append((comparison(r, "snapshot-sink"), e.value))
             await rt.write_rows(snap_sink, rows, origins)
 
 

@@ -19,13 +19,10 @@ def dag_topics(dag: Dag) -> list[str]:
         if isinstance(node, Source | LabelSource):
             names.append(input_topic(dag.name, node.name))
         if isinstance(node, Comparison):
-            names += [
-                f"abdag.{dag.name}.{node.name}.ticks",
-                pairs_topic(dag.name, node.name),
-                snapshots_topic(dag.name, node.name),
-                served_topic(dag.name, node.name),
-            ]
+            names += [f"abdag.{dag.name}.{node.name}.ticks", served_topic(dag.name, node.name)]
         else:
             names.append(node_topic(dag.name, node.name))
+    if any(isinstance(node, Comparison) for node in dag.topological()):
+        names += [pairs_topic(dag.name), snapshots_topic(dag.name)]
     names.append(dead_letter_topic(dag.name))
     return names

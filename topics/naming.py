@@ -44,9 +44,12 @@ def node_topic(dag: str, node: str) -> str:
     return f"abdag.{dag}.{node}"
 
 
-def pairs_topic(dag: str, comparison: str) -> str:
-    """Joined A/B rows on their way to the ClickHouse sink (JSON lists of rows)."""
-    return f"abdag.{dag}.{comparison}.pairs"
+def pairs_topic(dag: str) -> str:
+    """Joined A/B rows of every comparison of the DAG on their way to the ClickHouse sink
+    (JSON lists of rows, each naming its experiment). One per DAG: every topic a worker
+    consumes is in each of its fetches, and per comparison it made 50 comparisons' fetches
+    carry ~600 partitions."""
+    return f"abdag.{dag}.pair-rows"
 
 
 def served_topic(dag: str, comparison: str) -> str:
@@ -54,8 +57,9 @@ def served_topic(dag: str, comparison: str) -> str:
     return f"abdag.{dag}.{comparison}.served"
 
 
-def snapshots_topic(dag: str, comparison: str) -> str:
-    return f"abdag.{dag}.{comparison}.snapshots"
+def snapshots_topic(dag: str) -> str:
+    """Metric snapshot rows of every comparison of the DAG (one per DAG, as the pairs)."""
+    return f"abdag.{dag}.metric-snapshots"
 
 
 def dead_letter_topic(dag: str) -> str:
