@@ -1,9 +1,12 @@
 """Turning a :class:`~agents.dag.Dag` into a Faust app: one agent per node.
 
-Data flows one way: input topic -> source agent (assigns the request id, re-keys) -> node
-topics keyed by request id -> comparison agent (join table) -> pairs topic -> ClickHouse
-sink agent. Every agent sends what it cannot process to the DAG's dead-letter topic with
-the reason, the node and the original bytes, counts it, and carries on.
+Data flows one way: input topic -> source agent (assigns the request id) -> node topics,
+each request in the partition its id hashes to -> model agents -> comparison agent (join
+table) -> pairs topic -> ClickHouse sink agent. Between nodes, what an agent sends from one
+batch goes as one pack per partition (``topics.packs``): a Faust worker pays per Kafka
+record, and at load a pack carries tens to hundreds of requests. Every agent sends what it
+cannot process to the DAG's dead-letter topic with the reason, the node and the original
+bytes (of the one refused record of a pack), counts it, and carries on.
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ from topics import (
     Prediction,
     dead_letter_topic,
     decode_dead_letter,
-    decode_event,
-    decode_label,
     encode,
+    event_from,
     fields_of,
     input_topic,
+    label_from,
     label_from_raw,
     node_topic,
     pairs_topic,
@@ -60,6 +63,7 @@ from topics import (
     served_topic,
     snapshots_topic,
 )
+from topics.packs import Headers, Packed, packs_by_partition, partition_for, unpack
 
 log = logging.getLogger("abdag.worker")
 INLINE_BELOW_MS = 2.0  # a model node infers a batch this quick on the event loop
@@ -122,17 +126,49 @@ class DagRuntime:
         """Queue ``(key, value, headers)`` records for ``topic`` (see agents.producer)."""
         await self.output.send_all(OutRecord(topic, k, v, h) for k, v, h in items)
 
+    async def send_packed(self, topic: str, entries: Iterable[tuple[int, bytes, Headers]]) -> None:
+        """Queue ``(partition, encoded record, headers)`` entries for a node topic, as one
+        pack per partition (``topics.packs``)."""
+        await self.output.send_all(
+            OutRecord(topic, None, value, None, partition)
+            for partition, value in packs_by_partition(entries)
+        )
+
+    def partition_of(self, request_id: str) -> int:
+        """The partition of a request on every topic of the DAG."""
+        return partition_for(request_id.encode(), self.dag.partitions)
+
+    async def unpacked(self, node: str, events: Iterable[Any]) -> list[tuple[Any, Packed]]:
+        """The records of consumed ``events`` (packs, or plain records), each with the event
+        it came in; a record that is not even JSON is dead-lettered here."""
+        out: list[tuple[Any, Packed]] = []
+        for e in events:
+            try:
+                records = unpack(e.value, e.headers)
+            except BadRecord as err:
+                await self.dead(node, err, e)
+                continue
+            out.extend((e, record) for record in records)
+        return out
+
     def topic(self, name: str) -> faust.TopicT:
         return self.app.topic(
             name, key_type=bytes, value_type=bytes, partitions=self.dag.partitions
         )
 
     # -- dead letters ---------------------------------------------------------------------
-    async def dead(self, node: str, err: BadRecord, event: Any) -> None:
-        """Dead-letter one consumed event with the reason; count it; never raise."""
+    async def dead(
+        self, node: str, err: BadRecord, event: Any, record: Packed | None = None
+    ) -> None:
+        """Dead-letter one consumed event (or one ``record`` of the pack it carried) with the
+        reason; count it; never raise."""
         msg = event.message
-        original = event.value if isinstance(event.value, bytes) else b""
-        await self.dead_letter(node, err, original, msg.topic, msg.partition, msg.offset)
+        if record is None or record.index < 0:  # the whole Kafka record
+            original = event.value if isinstance(event.value, bytes) else b""
+            index = -1
+        else:
+            original, index = record.original(), record.index
+        await self.dead_letter(node, err, original, msg.topic, msg.partition, msg.offset, index)
 
     async def dead_letter(
         self,
@@ -142,6 +178,7 @@ class DagRuntime:
         topic: str = "",
         partition: int = -1,
         offset: int = -1,
+        index: int = -1,
     ) -> None:
         letter = DeadLetter(
             dag=self.dag.name,
@@ -154,6 +191,7 @@ class DagRuntime:
             offset=offset,
             original=original,
             ts=time.time(),
+            index=index,
         )
         count = self.dead_counts[(node, err.reason)] = self.dead_counts[(node, err.reason)] + 1
         if count in (1, 10, 100, 1000, 10000):
@@ -336,7 +374,7 @@ class _JoinOutput:
     served: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
     pairs: dict[str, tuple[int, dict]] = field(default_factory=dict)  # id -> newest row
     snapshots: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
-    dead: list[tuple[BadRecord, Any]] = field(default_factory=list)
+    dead: list[tuple[BadRecord, Any, Packed | None]] = field(default_factory=list)
 
 
 def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
@@ -365,8 +403,8 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
                 except BadRecord as err:
                     await rt.dead(node.name, err, e)
                     continue
-                ready.append((ev.request_id.encode(), encode(ev), e.headers))
-            await rt.send(out, ready)
+                ready.append((rt.partition_of(ev.request_id), encode(ev), e.headers))
+            await rt.send_packed(out, ready)
 
 
 def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
@@ -383,8 +421,8 @@ def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
                 except BadRecord as err:
                     await rt.dead(node.name, err, e)
                     continue
-                ready.append((lab.request_id.encode(), encode(lab), e.headers))
-            await rt.send(out, ready)
+                ready.append((rt.partition_of(lab.request_id), encode(lab), e.headers))
+            await rt.send_packed(out, ready)
 
 
 def _transform_agent(rt: DagRuntime, node: Transform) -> None:
@@ -395,24 +433,28 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
     async def transform(stream):
         async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             ready = []
-            for e in events:
+            for e, record in await rt.unpacked(node.name, events):
                 try:
-                    ev = decode_event(e.value)
+                    ev = event_from(record.body)
                     payload = node.fn(ev.payload)
                     if not isinstance(payload, dict):
                         raise BadRecord(
-                            "transform error", f"returned {type(payload).__name__}, not a dict"
+                            "transform error",
+                            f"returned {type(payload).__name__}, not a dict",
+                            ev.request_id,
                         )
                     ev.payload = payload
                 except BadRecord as err:
-                    await rt.dead(node.name, err, e)
+                    await rt.dead(node.name, err, e, record)
                     continue
                 except Exception as exc:  # noqa: BLE001 - a user function failed on this event
-                    err = BadRecord("transform error", f"{type(exc).__name__}: {exc}")
-                    await rt.dead(node.name, err, e)
+                    err = BadRecord(
+                        "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
+                    )
+                    await rt.dead(node.name, err, e, record)
                     continue
-                ready.append((ev.request_id.encode(), encode(ev), e.headers))
-            await rt.send(out, ready)
+                ready.append((e.message.partition, encode(ev), record.headers))
+            await rt.send_packed(out, ready)
 
 
 def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
@@ -423,11 +465,20 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     slot = ModelSlot(node, rt.settings)
     rt.batch_sizes[node.name] = slot.batch_sizes
 
-    def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
-        runner, version = slot.runner, slot.version  # one model for the whole batch
-        start = time.perf_counter()
-        results = runner.run(inputs)
-        return results, (time.perf_counter() - start) * 1000.0, version
+    def infer(inputs: list[Any]) -> tuple[list[Any], list[tuple[int, float]], float, str]:
+        """Results, each with its model call's ``(batch size, milliseconds)``, the total
+        milliseconds and the model version: calls of at most ``max_batch`` inputs (a take
+        of packs can hold many more)."""
+        runner, version = slot.runner, slot.version  # one model for the whole take
+        results: list[Any] = []
+        calls: list[tuple[int, float]] = []
+        started = time.perf_counter()
+        for k in range(0, len(inputs), node.max_batch):
+            chunk = inputs[k : k + node.max_batch]
+            start = time.perf_counter()
+            results += runner.run(chunk)
+            calls += [(len(chunk), (time.perf_counter() - start) * 1000.0)] * len(chunk)
+        return results, calls, (time.perf_counter() - started) * 1000.0, version
 
     if resolve(node, rt.settings).follows_latest:
 
@@ -435,8 +486,8 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         async def follow_registry() -> None:
             await rt.in_thread(slot.reload_if_newer)
 
-    def decode(e: Any) -> tuple[Event, Any]:
-        ev = decode_event(e.value)
+    def decode(record: Packed) -> tuple[Event, Any]:
+        ev = event_from(record.body)
         try:
             return ev, node.build_input(ev)
         except BadRecord:
@@ -447,14 +498,17 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     async def publish(batches: _Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
         """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
         it: only then may its offsets be committed."""
-        results, latency_ms, version = inferred
+        results, calls, _, version = inferred
         now = time.time()
         ready = []
-        for (e, ev), res in zip(decoded, results, strict=True):
+        for (e, record, ev), res, (batch_size, latency_ms) in zip(
+            decoded, results, calls, strict=True
+        ):
             if not res.ok:
                 reason = res.reason or "model error"
                 code = "model error" if reason.startswith("model") else "bad input"
-                await rt.dead(node.name, BadRecord(code, reason, ev.request_id), e)
+                err = BadRecord(code, reason, ev.request_id)
+                await rt.dead(node.name, err, e, record)
                 continue
             ev.outputs[node.name] = fields_of(
                 Prediction(
@@ -465,17 +519,17 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                     label=res.label,
                     latency_ms=latency_ms,
                     worker=rt.worker,
-                    batch_size=len(decoded),
+                    batch_size=batch_size,
                     ts=now,
                 )
             )
-            ready.append((ev.request_id.encode(), encode(ev), e.headers))
-        await rt.send(out, ready)
+            ready.append((e.message.partition, encode(ev), record.headers))
+        await rt.send_packed(out, ready)
         await batches.finish(events)
 
     inline = True  # the last batch was quick enough to infer on the event loop
 
-    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], float, str]:
+    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], list, float, str]:
         """Infer in the executor thread, so the event loop works meanwhile, unless the last
         batch took under INLINE_BELOW_MS: then the thread hop and the GIL hand-overs after
         each torch call cost more than they overlap, so the loop infers it itself. (The
@@ -483,7 +537,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         batch at most.)"""
         nonlocal inline
         inferred = infer(inputs) if inline else await rt.in_thread(infer, inputs)
-        inline = inferred[1] < INLINE_BELOW_MS
+        inline = inferred[2] < INLINE_BELOW_MS
         return inferred
 
     async def infer_in_order(batches: _Batches, decoded_batches: asyncio.Queue) -> None:
@@ -517,15 +571,15 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
         try:
             async for events in batches:
-                decoded: list[tuple[Any, Event]] = []
+                decoded: list[tuple[Any, Packed, Event]] = []
                 inputs = []
-                for e in events:
+                for e, record in await rt.unpacked(node.name, events):
                     try:
-                        ev, x = decode(e)
+                        ev, x = decode(record)
                     except BadRecord as err:
-                        await rt.dead(node.name, err, e)
+                        await rt.dead(node.name, err, e, record)
                         continue
-                    decoded.append((e, ev))
+                    decoded.append((e, record, ev))
                     inputs.append(x)
                 await _hand_over(decoded_batches, (events, decoded, inputs), inferring)
         finally:
@@ -578,17 +632,18 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         last_snapshot[partition] = now
         return str(partition).encode(), orjson.dumps(rows), None
 
-    def handle(e: Any, out: _JoinOutput) -> None:
-        """One A, B, label or tick event through the join; what it sends goes to ``out``."""
+    def handle(e: Any, record: Packed | None, out: _JoinOutput) -> None:
+        """One A, B or label record (of event ``e``), or one tick (``record`` None), through
+        the join; what it sends goes to ``out``."""
         topic, partition, now = e.message.topic, e.message.partition, time.time()
         try:
-            if topic == tick_topic:
+            if record is None:
                 emitted = join.expire(e.key.decode(), now)
             elif topic == label_topic:
-                lab = decode_label(e.value)
+                lab = label_from(record.body)
                 emitted = join.offer_label(lab.request_id, lab.label, lab.ts, now)
             else:
-                ev = decode_event(e.value)
+                ev = event_from(record.body)
                 side, model = ("a", node.a) if topic == a_topic else ("b", node.b)
                 pred = fields_of(ev.prediction(model))
                 pred["request_ts"] = ev.ts
@@ -596,9 +651,10 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                 choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)
                 if side == choice:
                     answer = {"request_id": ev.request_id, "served_by": side, **pred}
-                    out.served.append((e.key, orjson.dumps(answer), e.headers))
+                    served = (ev.request_id.encode(), orjson.dumps(answer), record.headers)
+                    out.served.append(served)
         except BadRecord as err:
-            out.dead.append((err, e))
+            out.dead.append((err, e, record))
             return
         if emitted is None:
             return
@@ -633,10 +689,19 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             out = _JoinOutput()
             for e in events:
                 store.event = e
-                handle(e, out)
+                if e.message.topic == tick_topic:
+                    handle(e, None, out)
+                    continue
+                try:
+                    records = unpack(e.value, e.headers)
+                except BadRecord as err:
+                    out.dead.append((err, e, None))
+                    continue
+                for record in records:
+                    handle(e, record, out)
             await rt.output.send_all(store.flush())
-            for err, e in out.dead:
-                await rt.dead(node.name, err, e)
+            for err, e, record in out.dead:
+                await rt.dead(node.name, err, e, record)
             await rt.send(served_name, out.served)
             await rt.output.send_all(
                 OutRecord(pairs_name, str(p).encode(), orjson.dumps(rows), None, p)
@@ -782,8 +847,8 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
                 except (BadRecord, KeyError, ValueError) as exc:
                     log.error("unreadable dead letter skipped: %s", exc)
                     continue
-                source = f"{d.topic}/{d.partition}/{d.offset}" if d.topic else ""
-                rows.append([d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1, source])
+                row = [d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1, d.source]
+                rows.append(row)
             for row, reason in await rt.in_thread(sink.write, rows):
                 log.error("ClickHouse refused a dead-letter row (%s): %s", reason, row)
 

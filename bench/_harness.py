@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from abdag.clickhouse import connect
@@ -51,6 +52,7 @@ from abdag.settings import Settings
 from abdag.stack import LocalStack
 from abdag.stack.processes import free_port
 from topics.admin import ensure_topics
+from topics.packs import is_pack, packs_by_partition, partition_for, unpack
 from topics.producer import pace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,6 +175,24 @@ def produce(
     return elapsed
 
 
+def produce_packs(
+    bootstrap: str, topic: str, make: Callable[[int], Record], n: int, *, per_pack: int = 100
+) -> None:
+    """Send ``make(i)`` for ``i < n`` to a node topic as an upstream node does under load:
+    packs of ``per_pack`` records (topics.packs), each in its keys' partition."""
+    entries = []
+    for i in range(n):
+        key, value = make(i)
+        entries.append((partition_for(key, PARTITIONS), value, None))
+    packs = list(packs_by_partition(entries, max_records=per_pack))
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 0})
+    for partition, value in packs:
+        producer.produce(topic, value=value, partition=partition)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError(f"packs to {topic} not delivered")
+
+
 # -- reading outputs ---------------------------------------------------------------------
 @dataclass
 class Outputs:
@@ -217,18 +237,29 @@ def read_outputs(
             for msg in consumer.consume(1000, timeout=0.2):
                 if msg.error():
                     continue
-                key = msg.key() or b""
-                if not key.startswith(prefix):
-                    continue
-                if key in out.ts:
-                    out.duplicates += 1
-                    continue
-                out.ts[key] = msg.timestamp()[1] / 1000.0
-                if keep_values:
-                    out.values[key] = msg.value()
+                for key, value in _keyed(msg):
+                    if not key.startswith(prefix):
+                        continue
+                    if key in out.ts:
+                        out.duplicates += 1
+                        continue
+                    out.ts[key] = msg.timestamp()[1] / 1000.0
+                    if keep_values:
+                        out.values[key] = value
     finally:
         consumer.close()
     return out
+
+
+def _keyed(msg: Any) -> list[tuple[bytes, bytes]]:
+    """``(key, value)`` of a record, or, for a pack of a node topic (no key), of each of
+    its records keyed by request id."""
+    if msg.key() is not None or not is_pack(msg.value()):
+        return [(msg.key() or b"", msg.value())]
+    return [
+        (str(r.body.get("request_id", "")).encode(), orjson.dumps(r.body))
+        for r in unpack(msg.value())
+    ]
 
 
 def raw_consume_rate(bootstrap: str, topic: str, n: int, partitions: int = PARTITIONS) -> float:

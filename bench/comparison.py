@@ -11,7 +11,8 @@ Figures, all from one run on one private stack (bench._harness.local_stack):
   read first, are mostly outside that span; bench.end_to_end's wall rate includes them).
 * **comparison node alone**: the same worker; abdag events carrying model A's (resp. B's)
   prediction and the labels are written straight to the node topics the join reads
-  (``abdag.<dag>.model_a`` / ``model_b`` / ``labels``), so only the join agent and the
+  (``abdag.<dag>.model_a`` / ``model_b`` / ``labels``), in packs of 100 as the model and
+  label nodes send them under load (topics.packs), so only the join agent and the
   ClickHouse sinks work. Pairs/s = (n - 1) / (newest ``paired_ts`` - the join table's
   first changelog record of a measured request), so reading the labels and A outputs
   counts (see :func:`join_only`). Each pair is three events in (A, B, label), against one
@@ -61,6 +62,7 @@ from bench._harness import (
     median,
     pair_stats,
     produce,
+    produce_packs,
     ratio,
     raw_consume_rate,
     read_outputs,
@@ -110,7 +112,7 @@ def join_only(
     worker happens to read labels and A's first: up to 3x too high, 1.8k-4.8k across rounds.)
     """
     started = time.monotonic()
-    produce(
+    produce_packs(
         stack.bootstrap,
         node_topic(dag.name, "labels"),
         lambda i: (
@@ -122,7 +124,7 @@ def join_only(
         n,
     )
     for side in ("a", "b"):
-        produce(
+        produce_packs(
             stack.bootstrap,
             node_topic(dag.name, f"model_{side}"),
             lambda i, s=side: node_records(stream, s, prefix, i),

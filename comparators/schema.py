@@ -219,8 +219,8 @@ def ensure_schema(client: Any) -> None:
 DEAD_LETTER_COUNT = "uniqExactIf((node, source), source != '') + sumIf(count, source = '')"
 """How many events were dead-lettered, in SQL: a consumed event read twice (a re-delivery
 after a rebalance or crash) is dead-lettered twice with the same ``source`` (topic/
-partition/offset) and counts once; a letter with no source (a refused sink row) counts as
-written."""
+partition/offset, and ``#index`` for a record of a pack) and counts once; a letter with no
+source (a refused sink row) counts as written."""
 
 
 def pairs_source(final: bool = True) -> str:

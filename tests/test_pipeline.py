@@ -11,6 +11,7 @@ import pytest
 from abdag.demo.fraud import generate
 from tests.workers import produce_raw, read_topic, start_worker, stop_worker, write_dag
 from topics import dead_letter_topic, input_topic, node_topic
+from topics.packs import partition_for
 from topics.producer import produce
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,9 @@ def test_every_request_gets_one_prediction_per_model_in_the_same_partition(
         ids = Counter(v["request_id"] for _, _, v in out)
         assert set(ids) == sent
         assert max(ids.values()) == 1, "a request was predicted twice"
-        assert all(k == v["request_id"].encode() for _, k, v in out), "key is the request id"
+        assert all(p == partition_for(v["request_id"].encode(), 4) for p, _, v in out), (
+            "a request is in its id's partition"
+        )
         assert all(v["outputs"][model]["model"] == model for _, _, v in out)
         assert all(0.0 <= v["outputs"][model]["score"] <= 1.0 for _, _, v in out)
     part_a = {v["request_id"]: p for p, _, v in out_a}
@@ -144,3 +147,43 @@ def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(
     assert b"{not json" in originals
     details = " ".join(v["detail"] for _, _, v in dead if v["request_id"] == "no-feature")
     assert "merchant_risk" in details or "missing feature" in details
+
+
+def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
+    stack, stack_env, tmp_path, fraud_models
+):
+    """A pack on a node topic (as the source sends them) holding good events, a record of
+    the wrong kind and a non-object; and a plain one-event record beside it."""
+    import base64
+
+    import orjson
+
+    from topics import encode, request_from_raw
+    from topics.packs import pack
+
+    name, dag_file = _dag(tmp_path, fraud_models)
+    good, _ = generate(6, seed=5)
+    events = [encode(request_from_raw(orjson.dumps(e), None, 1.0)) for e in good]
+    wrong_kind = b'{"v":1,"kind":"label","request_id":"wrong-kind","label":1.0,"ts":1.0}'
+    worker = start_worker(dag_file, stack_env, tmp_path / "worker.log")
+    try:
+        produce_raw(
+            stack.broker,
+            node_topic(name, "tx"),
+            [pack([*events[:5], wrong_kind, b"[1]"]), events[5]],
+        )
+        dead = read_topic(stack.broker, dead_letter_topic(name), expect=4, timeout=60)
+        out = _outputs(stack, name, "model_a", 6)
+    finally:
+        stop_worker(worker)
+    assert worker.returncode in (0, -15), "the worker crashed"
+    assert sorted(v["request_id"] for _, _, v in out) == sorted(e["request_id"] for e in good)
+    reasons = Counter((v["node"], v["reason"], v["request_id"]) for _, _, v in dead)
+    for model in ("model_a", "model_b"):
+        assert reasons[(model, "wrong record kind", "wrong-kind")] == 1
+        assert reasons[(model, "undecodable", "")] == 1
+    originals = {base64.b64decode(v["original"]) for _, _, v in dead}
+    assert orjson.loads(wrong_kind) in [orjson.loads(o) for o in originals]
+    assert b"[1]" in originals
+    # each names its place in the pack, so two refused records of one pack count as two
+    assert sorted(v["index"] for _, _, v in dead) == [5, 5, 6, 6]

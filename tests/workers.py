@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import orjson
 from confluent_kafka import Consumer, TopicPartition
+
+from topics.packs import unpack
 
 TWO_MODEL_DAG = """
 from abdag.demo.fraud import features_tensor, generate
@@ -61,7 +62,8 @@ def stop_worker(proc: subprocess.Popen, *, kill: bool = False, timeout: float = 
 def read_topic(
     bootstrap: str, topic: str, *, expect: int, partitions: int = 4, timeout: float = 60
 ) -> list[tuple[int, bytes | None, dict]]:
-    """Read a topic from the start (assign, no group) until ``expect`` records or timeout."""
+    """Read a topic from the start (assign, no group) until ``expect`` records or timeout;
+    the records of a pack (``topics.packs``) count one by one."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False}
     )
@@ -80,7 +82,8 @@ def read_topic(
                 continue
             if msg.error():
                 continue
-            out.append((msg.partition(), msg.key(), orjson.loads(msg.value())))
+            for record in unpack(msg.value()):  # a node topic's packs: their records
+                out.append((msg.partition(), msg.key(), record.body))
     finally:
         consumer.close()
     return out

@@ -92,6 +92,16 @@ class DeadLetter:
     offset: int
     original: bytes
     ts: float
+    index: int = -1  # the refused record's place in a pack (topics.packs); -1: not in one
+
+    @property
+    def source(self) -> str:
+        """Where the refused record was read: ``topic/partition/offset[#index]``; one record
+        read twice (a re-delivery) has the same source."""
+        if not self.topic:
+            return ""
+        where = f"{self.topic}/{self.partition}/{self.offset}"
+        return where if self.index < 0 else f"{where}#{self.index}"
 
 
 _KINDS = {"event": Event, "label": Label, "dead_letter": DeadLetter}
@@ -116,15 +126,17 @@ def encode(record: Event | Label | DeadLetter) -> bytes:
 
 
 def _load(value: bytes | None) -> dict[str, Any]:
+    return _object(load_json(value))
+
+
+def load_json(value: bytes | None) -> Any:
+    """Parse a record's value; a missing value or bad JSON is a :class:`BadRecord`."""
     if value is None:
         raise BadRecord("undecodable", "empty message (no value)")
     try:
-        obj = orjson.loads(value)
+        return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise BadRecord("undecodable", f"not JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise BadRecord("undecodable", f"expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _typed(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -136,20 +148,36 @@ def _typed(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ("v", "kind")}
 
 
-def decode_event(value: bytes | None) -> Event:
-    body = _typed(_load(value), "event")
+def _object(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise BadRecord("undecodable", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def event_from(obj: Any) -> Event:
+    """An :class:`Event` from its parsed JSON (a record of a pack: ``topics.packs``)."""
+    body = _typed(_object(obj), "event")
     try:
         return Event(**body)
     except TypeError as exc:
         raise BadRecord("missing field", str(exc), str(body.get("request_id", ""))) from exc
 
 
-def decode_label(value: bytes | None) -> Label:
-    body = _typed(_load(value), "label")
+def label_from(obj: Any) -> Label:
+    """A :class:`Label` from its parsed JSON (a record of a pack: ``topics.packs``)."""
+    body = _typed(_object(obj), "label")
     try:
         return Label(**body)
     except TypeError as exc:
         raise BadRecord("missing field", str(exc), str(body.get("request_id", ""))) from exc
+
+
+def decode_event(value: bytes | None) -> Event:
+    return event_from(_load(value))
+
+
+def decode_label(value: bytes | None) -> Label:
+    return label_from(_load(value))
 
 
 def decode_dead_letter(value: bytes) -> DeadLetter:
