@@ -465,20 +465,11 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     slot = ModelSlot(node, rt.settings)
     rt.batch_sizes[node.name] = slot.batch_sizes
 
-    def infer(inputs: list[Any]) -> tuple[list[Any], list[tuple[int, float]], float, str]:
-        """Results, each with its model call's ``(batch size, milliseconds)``, the total
-        milliseconds and the model version: calls of at most ``max_batch`` inputs (a take
-        of packs can hold many more)."""
-        runner, version = slot.runner, slot.version  # one model for the whole take
-        results: list[Any] = []
-        calls: list[tuple[int, float]] = []
-        started = time.perf_counter()
-        for k in range(0, len(inputs), node.max_batch):
-            chunk = inputs[k : k + node.max_batch]
-            start = time.perf_counter()
-            results += runner.run(chunk)
-            calls += [(len(chunk), (time.perf_counter() - start) * 1000.0)] * len(chunk)
-        return results, calls, (time.perf_counter() - started) * 1000.0, version
+    def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
+        runner, version = slot.runner, slot.version  # one model for the whole batch
+        start = time.perf_counter()
+        results = runner.run(inputs)
+        return results, (time.perf_counter() - start) * 1000.0, version
 
     if resolve(node, rt.settings).follows_latest:
 
@@ -498,12 +489,10 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     async def publish(batches: _Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
         """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
         it: only then may its offsets be committed."""
-        results, calls, _, version = inferred
+        results, latency_ms, version = inferred
         now = time.time()
         ready = []
-        for (e, record, ev), res, (batch_size, latency_ms) in zip(
-            decoded, results, calls, strict=True
-        ):
+        for (e, record, ev), res in zip(decoded, results, strict=True):
             if not res.ok:
                 reason = res.reason or "model error"
                 code = "model error" if reason.startswith("model") else "bad input"
@@ -519,7 +508,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                     label=res.label,
                     latency_ms=latency_ms,
                     worker=rt.worker,
-                    batch_size=batch_size,
+                    batch_size=len(decoded),
                     ts=now,
                 )
             )
@@ -529,7 +518,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
 
     inline = True  # the last batch was quick enough to infer on the event loop
 
-    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], list, float, str]:
+    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], float, str]:
         """Infer in the executor thread, so the event loop works meanwhile, unless the last
         batch took under INLINE_BELOW_MS: then the thread hop and the GIL hand-overs after
         each torch call cost more than they overlap, so the loop infers it itself. (The
@@ -537,7 +526,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         batch at most.)"""
         nonlocal inline
         inferred = infer(inputs) if inline else await rt.in_thread(infer, inputs)
-        inline = inferred[2] < INLINE_BELOW_MS
+        inline = inferred[1] < INLINE_BELOW_MS
         return inferred
 
     async def infer_in_order(batches: _Batches, decoded_batches: asyncio.Queue) -> None:
@@ -565,23 +554,33 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     async def model_node(stream):
         # Three batches overlap: this body reads and decodes batch k+2 while the executor
         # thread infers batch k+1 and batch k is sent on (a quick model infers on the loop:
-        # see infer_batch).
+        # see infer_batch). A batch is at most max_batch requests: the packs of one take
+        # are cut into such batches, each sent on as soon as it is inferred; a pack is
+        # acknowledged with the batch that holds its last request (batches go out in order).
         batches = _Batches(stream, node.max_batch, node.max_wait, by_hand=True)
         decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
         inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
         try:
             async for events in batches:
+                done: list[Any] = []  # packs whose every request is in a batch so far
                 decoded: list[tuple[Any, Packed, Event]] = []
-                inputs = []
-                for e, record in await rt.unpacked(node.name, events):
-                    try:
-                        ev, x = decode(record)
-                    except BadRecord as err:
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    decoded.append((e, record, ev))
-                    inputs.append(x)
-                await _hand_over(decoded_batches, (events, decoded, inputs), inferring)
+                inputs: list[Any] = []
+                for e in events:
+                    for _, record in await rt.unpacked(node.name, [e]):
+                        try:
+                            ev, x = decode(record)
+                        except BadRecord as err:
+                            await rt.dead(node.name, err, e, record)
+                            continue
+                        decoded.append((e, record, ev))
+                        inputs.append(x)
+                        if len(inputs) >= node.max_batch:
+                            batch = (done, decoded, inputs)
+                            await _hand_over(decoded_batches, batch, inferring)
+                            done, decoded, inputs = [], [], []
+                    done.append(e)
+                if done or inputs:
+                    await _hand_over(decoded_batches, (done, decoded, inputs), inferring)
         finally:
             inferring.cancel()
 

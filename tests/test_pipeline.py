@@ -152,8 +152,8 @@ def test_bad_events_go_to_the_dead_letter_topic_with_their_reason(
 def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
     stack, stack_env, tmp_path, fraud_models
 ):
-    """A pack on a node topic (as the source sends them) holding good events, a record of
-    the wrong kind and a non-object; and a plain one-event record beside it."""
+    """A pack on a node topic (as the source sends them) holding 299 good events, a record
+    of the wrong kind and a non-object; and a plain one-event record beside it."""
     import base64
 
     import orjson
@@ -162,7 +162,7 @@ def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
     from topics.packs import pack
 
     name, dag_file = _dag(tmp_path, fraud_models)
-    good, _ = generate(6, seed=5)
+    good, _ = generate(300, seed=5)
     events = [encode(request_from_raw(orjson.dumps(e), None, 1.0)) for e in good]
     wrong_kind = b'{"v":1,"kind":"label","request_id":"wrong-kind","label":1.0,"ts":1.0}'
     worker = start_worker(dag_file, stack_env, tmp_path / "worker.log")
@@ -170,14 +170,17 @@ def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
         produce_raw(
             stack.broker,
             node_topic(name, "tx"),
-            [pack([*events[:5], wrong_kind, b"[1]"]), events[5]],
+            [pack([*events[:299], wrong_kind, b"[1]"]), events[299]],
         )
         dead = read_topic(stack.broker, dead_letter_topic(name), expect=4, timeout=60)
-        out = _outputs(stack, name, "model_a", 6)
+        out = _outputs(stack, name, "model_a", 300)
     finally:
         stop_worker(worker)
     assert worker.returncode in (0, -15), "the worker crashed"
     assert sorted(v["request_id"] for _, _, v in out) == sorted(e["request_id"] for e in good)
+    # a pack larger than the model's max_batch is inferred in batches of at most 64
+    sizes = Counter(v["outputs"]["model_a"]["batch_size"] for _, _, v in out)
+    assert max(sizes) == 64 and sizes[64] >= 4 * 64, sizes
     reasons = Counter((v["node"], v["reason"], v["request_id"]) for _, _, v in dead)
     for model in ("model_a", "model_b"):
         assert reasons[(model, "wrong record kind", "wrong-kind")] == 1
@@ -186,4 +189,4 @@ def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
     assert orjson.loads(wrong_kind) in [orjson.loads(o) for o in originals]
     assert b"[1]" in originals
     # each names its place in the pack, so two refused records of one pack count as two
-    assert sorted(v["index"] for _, _, v in dead) == [5, 5, 6, 6]
+    assert sorted(v["index"] for _, _, v in dead) == [299, 299, 300, 300]
