@@ -44,6 +44,10 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
   producer put in the event at send time; request i is sent at `start + i / rate`
   (`topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
 - **Peak RSS** = `VmHWM` of the worker process from `/proc/<pid>/status`.
+- Between nodes, records travel in packs (`topics.packs`, since 2026-11-23 11:40: one
+  record per partition and batch, not per request); the comparison node alone is fed
+  packs of 100 as the model nodes send them under load. Earlier figures had one record
+  per request on every topic.
 - Ratios are between figures of the same run. The broker, ClickHouse, the workers and the
   bench driver share the machine's cores, so absolute figures are machine-bound.
 """
