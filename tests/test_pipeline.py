@@ -190,3 +190,42 @@ def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
     assert b"[1]" in originals
     # each names its place in the pack, so two refused records of one pack count as two
     assert sorted(v["index"] for _, _, v in dead) == [299, 299, 300, 300]
+
+
+def test_an_input_records_headers_reach_its_served_answer_through_the_packs(
+    stack, stack_env, tmp_path, fraud_models
+):
+    """Trace headers a producer set ride in the packs between nodes and come out on the
+    served answer of their own request (not a pack-mate's)."""
+    import orjson
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from topics import served_topic
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    extra = 'dag.compare("ab", a=a, b=b, labels=labels, task="binary")'
+    dag_file = write_dag(tmp_path / "dag.py", name, fraud_models, extra=extra)
+    events, _ = generate(200, seed=6)
+    worker = start_worker(dag_file, stack_env, tmp_path / "worker.log")
+    got: dict[str, list] = {}
+    try:
+        producer = Producer({"bootstrap.servers": stack.broker, "linger.ms": 20})
+        for i, e in enumerate(events):
+            headers = [("trace", e["request_id"].encode())] if i % 2 == 0 else None
+            producer.produce(input_topic(name, "tx"), orjson.dumps(e), headers=headers)
+        assert producer.flush(30) == 0
+        consumer = Consumer({"bootstrap.servers": stack.broker, "group.id": "t-served"})
+        consumer.assign([TopicPartition(served_topic(name, "ab"), p, 0) for p in range(4)])
+        deadline = time.monotonic() + 60
+        while len(got) < len(events) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                got[orjson.loads(msg.value())["request_id"]] = msg.headers() or []
+        consumer.close()
+    finally:
+        stop_worker(worker)
+    assert worker.returncode in (0, -15), "the worker crashed"
+    assert len(got) == len(events)
+    for i, e in enumerate(events):
+        rid = e["request_id"]
+        assert got[rid] == ([("trace", rid.encode())] if i % 2 == 0 else []), rid
