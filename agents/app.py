@@ -138,18 +138,14 @@ class DagRuntime:
         """The partition of a request on every topic of the DAG."""
         return partition_for(request_id.encode(), self.dag.partitions)
 
-    async def unpacked(self, node: str, events: Iterable[Any]) -> list[tuple[Any, Packed]]:
-        """The records of consumed ``events`` (packs, or plain records), each with the event
-        it came in; a record that is not even JSON is dead-lettered here."""
-        out: list[tuple[Any, Packed]] = []
-        for e in events:
-            try:
-                records = unpack(e.value, e.headers)
-            except BadRecord as err:
-                await self.dead(node, err, e)
-                continue
-            out.extend((e, record) for record in records)
-        return out
+    async def records(self, node: str, event: Any) -> list[Packed]:
+        """The records a consumed event carries (a pack's, or the event's own); an event
+        that is not even JSON is dead-lettered here and carries none."""
+        try:
+            return unpack(event.value, event.headers)
+        except BadRecord as err:
+            await self.dead(node, err, event)
+            return []
 
     def topic(self, name: str) -> faust.TopicT:
         return self.app.topic(
@@ -433,27 +429,27 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
     async def transform(stream):
         async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
             ready = []
-            for e, record in await rt.unpacked(node.name, events):
-                try:
-                    ev = event_from(record.body)
-                    payload = node.fn(ev.payload)
-                    if not isinstance(payload, dict):
-                        raise BadRecord(
-                            "transform error",
-                            f"returned {type(payload).__name__}, not a dict",
-                            ev.request_id,
+            for e in events:
+                for record in await rt.records(node.name, e):
+                    try:
+                        ev = event_from(record.body)
+                        payload = node.fn(ev.payload)
+                    except BadRecord as err:
+                        await rt.dead(node.name, err, e, record)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - the user's function failed
+                        err = BadRecord(
+                            "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
                         )
+                        await rt.dead(node.name, err, e, record)
+                        continue
+                    if not isinstance(payload, dict):
+                        why = f"returned {type(payload).__name__}, not a dict"
+                        err = BadRecord("transform error", why, ev.request_id)
+                        await rt.dead(node.name, err, e, record)
+                        continue
                     ev.payload = payload
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e, record)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a user function failed on this event
-                    err = BadRecord(
-                        "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
-                    )
-                    await rt.dead(node.name, err, e, record)
-                    continue
-                ready.append((e.message.partition, encode(ev), record.headers))
+                    ready.append((e.message.partition, encode(ev), record.headers))
             await rt.send_packed(out, ready)
 
 
@@ -566,7 +562,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                 decoded: list[tuple[Any, Packed, Event]] = []
                 inputs: list[Any] = []
                 for e in events:
-                    for _, record in await rt.unpacked(node.name, [e]):
+                    for record in await rt.records(node.name, e):
                         try:
                             ev, x = decode(record)
                         except BadRecord as err:
@@ -691,12 +687,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                 if e.message.topic == tick_topic:
                     handle(e, None, out)
                     continue
-                try:
-                    records = unpack(e.value, e.headers)
-                except BadRecord as err:
-                    out.dead.append((err, e, None))
-                    continue
-                for record in records:
+                for record in await rt.records(node.name, e):
                     handle(e, record, out)
             await rt.output.send_all(store.flush())
             for err, e, record in out.dead:
