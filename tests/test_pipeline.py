@@ -229,3 +229,40 @@ def test_an_input_records_headers_reach_its_served_answer_through_the_packs(
     for i, e in enumerate(events):
         rid = e["request_id"]
         assert got[rid] == ([("trace", rid.encode())] if i % 2 == 0 else []), rid
+
+
+def test_a_transform_failing_on_a_record_dead_letters_that_request_only(
+    stack, stack_env, tmp_path, fraud_models
+):
+    import orjson
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    extra = """
+def clean(payload):
+    if payload.get("boom"):
+        raise RuntimeError("boom")
+    if payload.get("not_a_dict"):
+        return [1]
+    return {**payload, "cleaned": True}
+
+cleaned = dag.transform("clean", tx, clean)
+"""
+    dag_file = write_dag(tmp_path / "dag.py", name, fraud_models, extra=extra)
+    good, _ = generate(50, seed=8)
+    bad = [dict(good[0], request_id="boom-1", boom=1), dict(good[1], request_id="list-1")]
+    bad[1]["not_a_dict"] = 1
+    worker = start_worker(dag_file, stack_env, tmp_path / "worker.log")
+    try:
+        produce_raw(stack.broker, input_topic(name, "tx"), [orjson.dumps(e) for e in good + bad])
+        out = _outputs(stack, name, "clean", 50)
+        dead = read_topic(stack.broker, dead_letter_topic(name), expect=2, timeout=60)
+    finally:
+        stop_worker(worker)
+    assert worker.returncode in (0, -15), "the worker crashed"
+    assert sorted(v["request_id"] for _, _, v in out) == sorted(e["request_id"] for e in good)
+    assert all(v["payload"]["cleaned"] for _, _, v in out)
+    letters = {v["request_id"]: v for _, _, v in dead if v["node"] == "clean"}
+    assert set(letters) == {"boom-1", "list-1"}
+    assert all(v["reason"] == "transform error" for v in letters.values())
+    assert "RuntimeError: boom" in letters["boom-1"]["detail"]
+    assert "not a dict" in letters["list-1"]["detail"]
