@@ -35,19 +35,36 @@ On Tansu the consumer also reads a changelog's end from a fetch (see
 :func:`fetched_end_offsets`): Tansu's ListOffsets answers the first offset of the last
 record batch + 1, so Faust's table recovery stopped short of the end whenever the producer
 had batched records.
+
+Last, speed: Faust hands each fetched record to the agents' queues by racing the hand-over
+against "flow stopped" with ``wait_first``, which schedules four tasks and cancels three per
+record. The hand-over almost never waits (only when an agent's queue is full or the flow is
+stopped), so :meth:`ResumeAtCommittedConsumer.wait_first` runs it at once and races only
+the rest of one that has to wait. A py-spy profile of a worker reading a backlog put the
+race at about a third of its CPU.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import replace
 from typing import Any
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP, Message
+from mode.services import WaitResults
 
 from agents.config import FetchWait
 
@@ -94,6 +111,59 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         return records
 
 
+def start_eagerly(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run ``coro`` in the caller's turn of the event loop until it first waits.
+
+    Returns ``(True, result)`` if it finished (its exception propagates), else
+    ``(False, rest)``: awaiting ``rest`` (or a task made of it) carries the coroutine on
+    from where it waited, cancellation included.
+
+    >>> async def quick():
+    ...     return 42
+    >>> start_eagerly(quick())
+    (True, 42)
+    """
+    try:
+        pending = coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, _Resumed(coro, pending)
+
+
+def _close(coros: Iterable[Any]) -> None:
+    """Close coroutines that will never run (no "never awaited" warning)."""
+    for c in coros:
+        if inspect.iscoroutine(c):
+            c.close()
+
+
+class _Resumed:
+    """The rest of a coroutine that was stepped by hand until it suspended on ``pending``
+    (what it yielded to the event loop): awaiting this resumes it where it stopped."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self.coro, self.pending = coro, pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, out = self.coro, self.pending
+        while True:
+            try:
+                sent = yield out
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - cancellation goes on to the coroutine
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    out = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
 class ResumeAtCommittedConsumer(AIOKafkaConsumer):
     """An aiokafka-driven Faust consumer that resumes exactly at the committed offsets."""
 
@@ -132,6 +202,30 @@ class ResumeAtCommittedConsumer(AIOKafkaConsumer):
         self._start: dict[TP, int] = {}  # where a partition with no commit was resumed
         self._holes: dict[TP, tuple[int, float]] = {}  # offset not acknowledged, since when
         self._refetches: set[Any] = set()  # seek tasks in flight (the loop keeps weak refs)
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        """Faust's ``wait_first``, except that a coroutine given first runs at once: if it
+        finishes without waiting, nothing is scheduled and the others are never started.
+
+        Faust's consumer calls ``wait_first(deliver(record), suspend_flow.wait())`` per
+        record; delivering waits only when an agent's queue is full or the flow is stopped,
+        and then the race goes on from where the delivery stopped.
+        """
+        first = coros[0] if coros else None
+        if not inspect.iscoroutine(first):
+            return await super().wait_first(*coros, timeout=timeout)
+        try:
+            finished, outcome = start_eagerly(first)
+        except BaseException:
+            _close(coros[1:])
+            raise
+        if finished:
+            _close(coros[1:])
+            if self._stopped.is_set() or self._crashed.is_set():
+                return WaitResults([], [], True)
+            return WaitResults([first], [outcome], False)
+        won = await super().wait_first(outcome, *coros[1:], timeout=timeout)
+        return won._replace(done=[first if w is outcome else w for w in won.done])
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         if self.flow_active:

@@ -4,13 +4,14 @@ it lets the broker hold a fetch."""
 import asyncio
 import uuid
 
+import faust
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from abdag.settings import Settings
 from agents.config import FetchWait, fetch_wait
-from agents.consumer import fetched_end_offsets
+from agents.consumer import fetched_end_offsets, start_eagerly, use_resume_at_committed_consumer
 
 
 def test_changelog_end_offsets_are_read_from_a_fetch_not_from_list_offsets(stack):
@@ -133,3 +134,87 @@ def test_fetch_wait_is_short_while_records_flow_on_tansu_and_fixed_by_the_enviro
     monkeypatch.setenv("ABDAG_FETCH_MAX_WAIT_MS", "fast")
     with pytest.raises(ValueError, match="ABDAG_FETCH_MAX_WAIT_MS"):
         fetch_wait(settings)
+
+
+def test_a_coroutine_that_never_waits_finishes_in_the_callers_turn():
+    steps = []
+
+    async def deliver():
+        steps.append("delivered")
+        return 7
+
+    async def main():
+        before = len(asyncio.all_tasks())
+        finished, result = start_eagerly(deliver())
+        return finished, result, list(steps), len(asyncio.all_tasks()) - before
+
+    assert asyncio.run(main()) == (True, 7, ["delivered"], 0)
+
+
+def test_a_coroutine_that_waits_goes_on_from_where_it_stopped_when_awaited():
+    steps = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def deliver():
+            steps.append("before the wait")
+            await gate.wait()
+            steps.append("after the wait")
+            return "late"
+
+        finished, rest = start_eagerly(deliver())
+        assert (finished, steps) == (False, ["before the wait"])
+        asyncio.get_running_loop().call_later(0.01, gate.set)
+        return await rest
+
+    assert asyncio.run(main()) == "late"
+    assert steps == ["before the wait", "after the wait"]
+
+
+def test_cancelling_the_rest_of_an_eager_coroutine_cancels_the_coroutine():
+    steps = []
+
+    async def main():
+        async def deliver():
+            try:
+                await asyncio.sleep(10)
+            finally:
+                steps.append("cleaned up")
+
+        _, rest = start_eagerly(deliver())
+        task = asyncio.ensure_future(rest)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert steps == ["cleaned up"]
+
+
+def test_consumer_delivers_at_once_and_a_blocked_delivery_loses_to_a_stopped_flow():
+    """The consumer's per-record race (deliver vs flow stopped): a delivery that does not
+    wait wins without scheduling anything; one blocked on a full agent queue is abandoned
+    when the flow stops, leaving the queue as it was."""
+
+    async def main():
+        app = faust.App("abdag-test-eager", broker="kafka://127.0.0.1:9", web_enabled=False)
+        use_resume_at_committed_consumer(app)
+        consumer = app.consumer  # created, never started: no broker is needed
+        flow_stopped = asyncio.Event()
+        queue: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
+
+        async def deliver(n):
+            await queue.put(n)
+            return n
+
+        quick = await consumer.wait_first(deliver(1), flow_stopped.wait())
+        asyncio.get_running_loop().call_later(0.02, flow_stopped.set)
+        blocked = await consumer.wait_first(deliver(2), flow_stopped.wait())
+        return quick, blocked, queue.qsize(), queue.get_nowait()
+
+    quick, blocked, size, queued = asyncio.run(main())
+    assert quick.results == [1] and not quick.stopped
+    assert blocked.results == [True] and not blocked.stopped  # the flow event won
+    assert (size, queued) == (1, 1)  # record 2 was never put
