@@ -179,8 +179,11 @@ def measure(
     labels: bool = True,
     rate: float | None = None,
     prefix: str = "m-",
+    poll: float = 0.25,
 ) -> AbRun:
-    """Produce ``n`` requests (labels first when ``labels``) and wait for their pairs."""
+    """Produce ``n`` requests (labels first when ``labels``) and wait for their pairs,
+    asking ClickHouse every ``poll`` seconds (the wall time's resolution; each poll is a
+    query that takes CPU from the workers)."""
     stage = STAGE_LABELLED if labels else STAGE_PAIRED
     expect = n * len(dag.experiments)
     started = time.monotonic()
@@ -192,7 +195,7 @@ def measure(
         expect,
         stage=stage,
         timeout=drain_timeout(expect, 20),
-        interval=0.25,
+        interval=poll,
         procs=procs,
     )
     if seen < expect:

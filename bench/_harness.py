@@ -388,6 +388,46 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process used so far; NaN if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores ran this machine's processes since boot (user, nice, system,
+    irq, softirq; not idle, I/O wait, or time the hypervisor stole)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Who used the cores while a block ran: each worker's and everything else's CPU, in
+    % of one core (the broker, ClickHouse and the bench driver share the machine)."""
+
+    def __init__(self, procs: Workers) -> None:
+        self.procs = procs
+
+    def __enter__(self) -> CpuShare:
+        self._start = time.monotonic(), machine_busy_s(), self.procs.cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, busy0, workers0 = self._start
+        wall = max(time.monotonic() - wall0, 1e-9)
+        used = [b - a for a, b in zip(workers0, self.procs.cpu_s(), strict=True)]
+        self.workers = [100.0 * u / wall for u in used]
+        self.rest = 100.0 * (machine_busy_s() - busy0 - sum(used)) / wall
+
+    def __str__(self) -> str:
+        shares = ", ".join(f"{w:.0f}%" for w in self.workers)
+        return f"CPU: worker(s) {shares} of a core, all else {self.rest:.0f}%"
+
+
 class WorkerDied(RuntimeError):
     pass
 
@@ -438,6 +478,10 @@ class Workers:
     def start_module(self, module: str, args: Sequence[str], **env: str) -> None:
         """``python -m module args...`` (a bench worker of our own)."""
         self._start(["-m", module, *args], env, None)
+
+    def cpu_s(self) -> list[float]:
+        """CPU seconds each worker used so far."""
+        return [process_cpu_s(p.pid) for p in self.procs]
 
     def check_alive(self) -> None:
         for proc, log in zip(self.procs, self.logs, strict=True):

@@ -17,9 +17,10 @@ All on one private stack (bench._harness.local_stack), in one run:
    1 worker, then 2 workers, unpinned and pinned to one core per worker (``--pin``). Each
    worker runs with ``OMP_NUM_THREADS=--threads`` (default 1: torch's own threads would
    otherwise take both cores for one model). Pairs/s = (n - 1) / span of ``paired_ts``,
-   after warm-up rounds that show pairs from every worker. Each model's offline rate (same
-   threads, batch 64, bench.offline_torch.runner_throughput) and the rate of A then B on
-   one core are printed to show how model-bound it is.
+   after warm-up rounds that show pairs from every worker (ClickHouse is polled every 2 s
+   meanwhile, not every 0.25 s: on 2 cores the polls took CPU from the workers). Each
+   model's offline rate (same threads, batch 64, bench.offline_torch.runner_throughput)
+   and the rate of A then B on one core are printed to show how model-bound it is.
 4. **many experiments**: a generated DAG with M comparisons of the same two small model
    nodes (no labels), M in ``--experiments`` (default 1,10,50): requests/s (wall, until all
    n x M pairs are visible), pair rows/s, the worker's peak RSS and its start-up time
@@ -41,7 +42,16 @@ import torch
 
 from abdag.demo.fraud import train_models
 from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
-from bench._harness import Result, Stack, Workers, local_stack, passthrough_run, ratio, unique_name
+from bench._harness import (
+    CpuShare,
+    Result,
+    Stack,
+    Workers,
+    local_stack,
+    passthrough_run,
+    ratio,
+    unique_name,
+)
 from bench.offline_torch import MLP, _save, runner_throughput
 from models import BatchRunner, load_model
 
@@ -199,7 +209,10 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
             with Workers(stack, dag.name) as procs:
                 procs.start_abdag(dag.file, workers, pin=pin, **env)
                 warm_up(stack, procs, dag, stream, count=args.warmup, workers=workers, labels=False)
-                run = measure(stack, procs, dag, stream, args.scale_n, labels=False)
+                # pairs/s come from paired_ts, not wall time: poll rarely, leaving the
+                # cores to the workers (polling every 0.25 s took ~7% of a core)
+                with CpuShare(procs) as cpu:
+                    run = measure(stack, procs, dag, stream, args.scale_n, labels=False, poll=2.0)
                 peaks = procs.stop()
             rates[workers] = run.stats.rate
             res.add(
@@ -211,7 +224,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
                 vs="1 worker" if workers > 1 else None,
                 note=f"pairs from {run.stats.workers} worker(s); peak RSS "
                 + ", ".join(f"{p:.0f}" for p in peaks)
-                + " MiB",
+                + f" MiB; {cpu}",
             )
         res.add(
             sec,
