@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from abdag.cli import UserError
     from agents.app import build_app
-    from agents.config import hold_log_level, tune_interpreter
+    from agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
     from agents.topology import dag_topics
     from models import ModelError, apply_cpu_threads
     from topics.admin import ensure_topics
@@ -84,6 +84,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     else:
         argv.append("--without-web")
     sys.argv = argv
+    freeze_startup_heap()
     app.main()
     return 0
 

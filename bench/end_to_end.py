@@ -6,7 +6,8 @@ All on one private stack (bench._harness.local_stack), in one run:
    TorchScript fraud models, labels produced before the requests). Requests/s =
    n / wall time from the first produce call until all n paired+labelled rows are visible
    in ClickHouse (polled every 0.25 s), so it includes the pipeline's fill and the pairs
-   sink's batching. Against bench.passthrough (``plain``) on the same request bytes.
+   sink's batching. Against bench.passthrough (``plain``) on the same request bytes, in
+   ``--repeat`` alternating rounds (a fresh worker each; default 3), medians compared.
 2. **latency**: the same warm worker; requests produced at fixed rates (``--rates``,
    default 50/s and 200/s) with ``ts`` set by the producer at send time, no labels.
    Latency per request = ``paired_ts - request_ts`` from ``pairs FINAL`` (produce -> pair
@@ -27,8 +28,8 @@ All on one private stack (bench._harness.local_stack), in one run:
    (worker start -> the first warm-up pairs of every experiment visible).
 
 Peak RSS is VmHWM of each worker process. Run:
-``.venv/bin/python -m bench.end_to_end [--quick] [--n 5000] [--rates 50,200] [--duration 20]
-[--scale-n 2000] [--hidden 8192] [--threads 1] [--pin both] [--experiments 1,10,50]
+``.venv/bin/python -m bench.end_to_end [--quick] [--n 20000] [--repeat 3] [--rates 50,200]
+[--duration 20] [--scale-n 2000] [--hidden 8192] [--threads 1] [--pin both] [--experiments 1,10,50]
 [--device auto] [--skip e2e,scale,many]``.
 """
 
@@ -48,8 +49,10 @@ from bench._harness import (
     Stack,
     Workers,
     local_stack,
+    median,
     passthrough_run,
     ratio,
+    rounds,
     unique_name,
 )
 from bench.offline_torch import MLP, _save, runner_throughput
@@ -105,40 +108,60 @@ def throughput_and_latency(
     stack: Stack, models: tuple[Path, Path], args: argparse.Namespace, res: Result
 ) -> None:
     stream = FraudStream()
-    dag = AbDag.fraud(stack, models, "e2e")
-    with Workers(stack, dag.name) as procs:
-        procs.start_abdag(dag.file)
-        warm_up(stack, procs, dag, stream, count=args.warmup)
-        run = measure(stack, procs, dag, stream, args.n, labels=True)
-        lats = []
-        for k, rate in enumerate(args.rates):
-            count = int(rate * args.duration)
-            lats.append(
-                measure(stack, procs, dag, stream, count, labels=False, rate=rate, prefix=f"l{k}-")
-            )
-        (peak,) = procs.stop()
-    plain = passthrough_run(stack, stream.request, args.n, mode="plain")
+    runs, plains, peaks, lats = [], [], [], []
+    for r in range(args.repeat):  # alternating rounds: this machine's speed drifts
+        dag = AbDag.fraud(stack, models, f"e2e{r}-")
+        with Workers(stack, dag.name) as procs:
+            procs.start_abdag(dag.file)
+            warm_up(stack, procs, dag, stream, count=args.warmup)
+            runs.append(measure(stack, procs, dag, stream, args.n, labels=True))
+            if r == 0:
+                for k, rate in enumerate(args.rates):
+                    count = int(rate * args.duration)
+                    lats.append(
+                        measure(
+                            stack,
+                            procs,
+                            dag,
+                            stream,
+                            count,
+                            labels=False,
+                            rate=rate,
+                            prefix=f"l{k}-",
+                        )
+                    )
+            peaks += procs.stop()
+        plains.append(passthrough_run(stack, stream.request, args.n, mode="plain").rate)
+        print(
+            f"round {r + 1}/{args.repeat}: A/B DAG {runs[-1].wall_rate:,.0f} requests/s, "
+            f"pass-through {plains[-1]:,.0f} events/s",
+            flush=True,
+        )
+    wall = median([run.wall_rate for run in runs])
+    span = median([run.stats.rate for run in runs])
+    plain = median(plains)
 
     sec = "throughput (1 worker, fraud A/B DAG, labels)"
     res.add(
         sec,
         "A/B DAG end to end (wall, until in ClickHouse)",
-        run.wall_rate,
+        wall,
         "requests/s",
-        ratio=ratio(run.wall_rate, plain.rate),
+        ratio=ratio(wall, plain),
         vs="pass-through plain",
-        note=f"{run.requests} requests in {run.wall_s:.1f} s",
+        note=f"{args.n} requests per run; " + rounds([run.wall_rate for run in runs]),
     )
     res.add(
         sec,
         "A/B DAG pairs (paired_ts span)",
-        run.stats.rate,
+        span,
         "pairs/s",
-        ratio=ratio(run.stats.rate, plain.rate),
+        ratio=ratio(span, plain),
         vs="pass-through plain",
+        note=rounds([run.stats.rate for run in runs]),
     )
-    res.add(sec, "pass-through, plain", plain.rate, "events/s")
-    res.add(sec, "A/B DAG worker peak RSS", peak, "MiB")
+    res.add(sec, "pass-through, plain", plain, "events/s", note=rounds(plains))
+    res.add(sec, "A/B DAG worker peak RSS", max(peaks), "MiB")
 
     for rate, lat in zip(args.rates, lats, strict=True):
         sec = f"latency at {rate:g} requests/s for {args.duration:g} s (1 worker, no labels)"
@@ -276,7 +299,7 @@ def many_experiments(
 def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (noisy figures)")
-    parser.add_argument("--n", type=int, default=None, help="throughput requests (5000)")
+    parser.add_argument("--n", type=int, default=None, help="throughput requests (20000)")
     parser.add_argument("--rates", default="50,200", help="latency runs, requests/s, comma-sep.")
     parser.add_argument("--duration", type=float, default=None, help="latency run seconds (20)")
     parser.add_argument("--scale-n", type=int, default=None, help="scale-out requests (2000)")
@@ -289,13 +312,17 @@ def main(argv: list[str] | None = None) -> Result:
     )
     parser.add_argument("--experiments", default=None, help="M values, comma-separated (1,10,50)")
     parser.add_argument("--many-n", type=int, default=None, help="requests per M run (500)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="alternating A/B / pass-through rounds (3)"
+    )
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--many-warmup", type=int, default=20)
     parser.add_argument("--skip", default="", help="comma-separated: e2e,scale,many")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args(argv)
     q = args.quick
-    args.n = args.n or (600 if q else 5000)
+    args.n = args.n or (600 if q else 20000)
+    args.repeat = args.repeat or (1 if q else 3)
     args.duration = args.duration or (3.0 if q else 20.0)
     args.scale_n = args.scale_n or (300 if q else 2000)
     args.many_n = args.many_n or (200 if q else 500)
@@ -313,6 +340,7 @@ def main(argv: list[str] | None = None) -> Result:
             k: getattr(args, k)
             for k in (
                 "n",
+                "repeat",
                 "rates",
                 "duration",
                 "scale_n",

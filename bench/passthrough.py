@@ -2,7 +2,8 @@
 
 One agent consumes raw bytes from one topic and sends the same key and value to another,
 with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`)
-and its interpreter settings (:func:`agents.config.tune_interpreter`).
+and its interpreter settings (:func:`agents.config.tune_interpreter`,
+:func:`agents.config.freeze_startup_heap`).
 Three forms:
 
 * ``plain``: ``async for event in stream.events(): await out.send(...)``, the textbook agent;
@@ -24,7 +25,7 @@ import sys
 import faust
 
 from abdag.settings import Settings
-from agents.config import faust_settings, hold_log_level, tune_interpreter
+from agents.config import faust_settings, freeze_startup_heap, hold_log_level, tune_interpreter
 from bench._harness import PARTITIONS
 
 TAKE_MAX = 500
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(Settings.from_env(), args.app_id, args.source, args.sink, args.mode)
     hold_log_level(app, "warn")  # as `abdag worker` does
     sys.argv = ["bench-passthrough", "worker", "--loglevel", "warn", "--without-web"]
+    freeze_startup_heap()  # as `abdag worker` does
     app.main()
 
 

@@ -39,7 +39,9 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
   output record's Kafka timestamp (stamped by the worker's producer) or, for pairs,
   `paired_ts` in ClickHouse (`pairs FINAL`). Start-up and the drain tail are excluded.
 - **End-to-end** requests/s use wall time: first produce call until every expected pair is
-  visible in ClickHouse (polled every 0.25 s).
+  visible in ClickHouse (polled every 0.25 s), over 20,000 requests (5,000 before
+  2026-11-23 17:30: start and drain, ~0.8 s, weighed more), in 3 rounds alternating with
+  the pass-through (a fresh worker each), medians compared.
 - **Latency** = `paired_ts - request_ts` per request, `request_ts` being the `ts` the
   producer put in the event at send time; request i is sent at `start + i / rate`
   (`topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
@@ -48,6 +50,9 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
   record per partition and batch, not per request); the comparison node alone is fed
   packs of 100 as the model nodes send them under load. Earlier figures had one record
   per request on every topic.
+- Workers (and the pass-through) run with the worker's interpreter settings
+  (`agents.config.tune_interpreter`): since 2026-11-23 17:30 these include fewer
+  garbage collections, which took ~11% of a busy worker's CPU.
 - Ratios are between figures of the same run. The broker, ClickHouse, the workers and the
   bench driver share the machine's cores, so absolute figures are machine-bound.
 """

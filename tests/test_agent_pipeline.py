@@ -48,3 +48,29 @@ def test_a_failed_inference_loop_raises_in_the_agent_instead_of_leaving_it_waiti
 
     with pytest.raises(ConnectionError, match="output undeliverable"):
         asyncio.run(scenario())
+
+
+def test_input_agents_may_hold_more_waiting_records_than_node_agents(tmp_path):
+    """Input topics carry one request per record and get a deeper agent queue than Faust's
+    default; node topics (packs) keep the default. Built offline: no broker is reached."""
+    from abdag.settings import Settings
+    from agents.app import INPUT_BUFFER, build_app
+    from agents.loader import load_dag
+    from topics import input_topic, node_topic
+
+    dag_file = tmp_path / "dag.py"
+    dag_file.write_text(
+        "from agents import Dag\n"
+        "dag = Dag('buffers', partitions=2)\n"
+        "tx = dag.source('tx')\n"
+        "clean = dag.transform('clean', tx, fn=lambda p: p)\n"
+    )
+    settings = Settings(
+        broker="127.0.0.1:9", clickhouse_url="http://127.0.0.1:9", data_dir=tmp_path / "data"
+    )
+    app, _ = build_app(load_dag(dag_file), settings)
+    depth = {
+        agent.channel.get_topic_name(): agent.channel.queue.maxsize for agent in app.agents.values()
+    }
+    assert depth[input_topic("buffers", "tx")] == INPUT_BUFFER == 16384
+    assert depth[node_topic("buffers", "tx")] == app.conf.stream_buffer_maxsize == 4096
