@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -406,22 +407,54 @@ def machine_busy_s() -> float:
 
 
 class CpuShare:
-    """Who used the cores while a block ran: each worker's and everything else's CPU, in
-    % of one core (the broker, ClickHouse and the bench driver share the machine)."""
+    """Who used the cores while a block ran: each worker's CPU and everything else's (the
+    broker, ClickHouse, the bench driver), in % of one core, sampled every ``interval`` s.
 
-    def __init__(self, procs: Workers) -> None:
-        self.procs = procs
+    :meth:`between` narrows the figures to a time window (epoch seconds), e.g. the span of
+    the pairs a run measured, so start-up and the drain tail do not dilute them.
+    """
+
+    def __init__(self, procs: Workers, interval: float = 0.2) -> None:
+        self.procs, self.interval = procs, interval
+        self.samples: list[tuple[float, list[float], float]] = []  # (epoch, workers, busy)
+        self._stop = threading.Event()
+        self.workers: list[float] = []
+        self.rest = float("nan")
+
+    def _sample(self) -> None:
+        self.samples.append((time.time(), self.procs.cpu_s(), machine_busy_s()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
 
     def __enter__(self) -> CpuShare:
-        self._start = time.monotonic(), machine_busy_s(), self.procs.cpu_s()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall0, busy0, workers0 = self._start
-        wall = max(time.monotonic() - wall0, 1e-9)
-        used = [b - a for a, b in zip(workers0, self.procs.cpu_s(), strict=True)]
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.between(self.samples[0][0], self.samples[-1][0])
+
+    def between(self, start: float, end: float) -> CpuShare:
+        """Set :attr:`workers` and :attr:`rest` to the shares between the samples that
+        enclose ``start`` .. ``end``."""
+        first = max((s for s in self.samples if s[0] <= start), default=self.samples[0])
+        last = min((s for s in self.samples if s[0] >= end), default=self.samples[-1])
+        wall = max(last[0] - first[0], 1e-9)
+        used = [b - a for a, b in zip(first[1], last[1], strict=True)]
         self.workers = [100.0 * u / wall for u in used]
-        self.rest = 100.0 * (machine_busy_s() - busy0 - sum(used)) / wall
+        self.rest = 100.0 * (last[2] - first[2] - sum(used)) / wall
+        return self
+
+    @property
+    def cores(self) -> float:
+        """How many cores the workers used together."""
+        return sum(self.workers) / 100.0
 
     def __str__(self) -> str:
         shares = ", ".join(f"{w:.0f}%" for w in self.workers)

@@ -21,7 +21,10 @@ All on one private stack (bench._harness.local_stack), in one run:
    after warm-up rounds that show pairs from every worker (ClickHouse is polled every 2 s
    meanwhile, not every 0.25 s: on 2 cores the polls took CPU from the workers). Each
    model's offline rate (same threads, batch 64, bench.offline_torch.runner_throughput)
-   and the rate of A then B on one core are printed to show how model-bound it is.
+   and the rate of A then B on one core are printed to show how model-bound it is, and
+   A then B offline in 1 and in 2 processes at once, one pinned per core: how far the
+   machine itself scales this work (shared memory bandwidth and caches, a shared host),
+   the ceiling for 2 workers against 1.
 4. **many experiments**: a generated DAG with M comparisons of the same two small model
    nodes (no labels), M in ``--experiments`` (default 1,10,50): requests/s (wall, until all
    n x M pairs are visible), pair rows/s, the worker's peak RSS and its start-up time
@@ -36,6 +39,10 @@ Peak RSS is VmHWM of each worker process. Run:
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +51,7 @@ import torch
 from abdag.demo.fraud import train_models
 from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
 from bench._harness import (
+    REPO,
     CpuShare,
     Result,
     Stack,
@@ -194,6 +202,33 @@ def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[fl
     return rates
 
 
+def offline_per_core(paths: tuple[Path, Path], args: argparse.Namespace, cores: int) -> float:
+    """Requests/s of A then B offline in ``cores`` processes at once, one pinned per core
+    (bench.offline_torch --pair): how far the machine itself scales this model-bound work."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
+    argv = [sys.executable, "-m", "bench.offline_torch", "--pair", *map(str, paths)]
+    argv += ["--in-features", str(args.in_features), "--threads", str(args.threads or 1)]
+    argv += ["--seconds", "3" if args.quick else "8"]
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}),
+        )
+        for core in range(cores)
+    ]
+    total = 0.0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"offline pair run failed ({proc.returncode}): {out[-500:]}")
+        total += float(out.split("pair_rate")[-1])
+    return total
+
+
 def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
     paths = []
     for k in (0, 1):
@@ -206,6 +241,8 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
         )
     model_rates = offline_rates((paths[0], paths[1]), args)
     serial = 1.0 / sum(1.0 / r for r in model_rates)  # A then B on one core
+    cores = min(2, os.cpu_count() or 1)
+    machine = {k: offline_per_core((paths[0], paths[1]), args, k) for k in (1, cores)}
     stream = IndexStream(size=16)
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     title = (
@@ -215,6 +252,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
     for pin in args.pin_modes:
         sec = f"{title}, {'one core per worker (pinned)' if pin else 'unpinned'}"
         rates: dict[int, float] = {}
+        per_core: dict[int, float] = {}
         for workers in (1, 2):
             name = unique_name(f"sc{workers}")
             file = stack.work / f"{name}.py"
@@ -238,6 +276,9 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
                     run = measure(stack, procs, dag, stream, args.scale_n, labels=False, poll=2.0)
                 peaks = procs.stop()
             rates[workers] = run.stats.rate
+            first_pair = run.stats.last_ts - (run.stats.n - 1) / run.stats.rate
+            cpu.between(first_pair, run.stats.last_ts)  # the measured span only
+            per_core[workers] = run.stats.rate / cpu.cores
             res.add(
                 sec,
                 f"{workers} worker(s)",
@@ -247,7 +288,16 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
                 vs="1 worker" if workers > 1 else None,
                 note=f"pairs from {run.stats.workers} worker(s); peak RSS "
                 + ", ".join(f"{p:.0f}" for p in peaks)
-                + f" MiB; {cpu}",
+                + f" MiB; {cpu} (over the pairs' span)",
+            )
+            res.add(
+                sec,
+                f"{workers} worker(s): pairs/s per core the workers got",
+                per_core[workers],
+                "pairs/s",
+                ratio=ratio(per_core[workers], per_core[1]) if workers > 1 else None,
+                vs="1 worker" if workers > 1 else None,
+                note=f"workers used {cpu.cores:.2f} cores",
             )
         res.add(
             sec,
@@ -258,11 +308,25 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
             vs="(1 worker / this)",
             note="models A, B alone: " + ", ".join(f"{r:,.0f}" for r in model_rates) + " items/s",
         )
+    sec = f"{title}: the machine alone (offline, A then B, one process pinned per core)"
+    for k, rate in machine.items():
+        res.add(
+            sec,
+            f"{k} process(es) at once",
+            rate,
+            "requests/s",
+            ratio=ratio(rate, machine[1]) if k > 1 else None,
+            vs="1 process" if k > 1 else None,
+            note="no Kafka, Faust or ClickHouse: the ceiling for 2 workers against 1",
+        )
     res.note(
         "scale-out: a worker runs model A and B in parallel executor threads, so one unpinned "
         "worker can already use 2 cores; on a 2-core machine (shared with the broker and "
         "ClickHouse) 2 workers cannot show 1.8x unpinned. The pinned case gives each worker "
-        "one core (broker and ClickHouse float) to show how the worker design scales out."
+        "one core (broker and ClickHouse float) to show how the worker design scales out; "
+        "'pairs/s per core the workers got' divides by the CPU the workers used over the "
+        "pairs' span, so it shows how the work scales apart from what the broker and "
+        "ClickHouse took from the same cores."
     )
 
 

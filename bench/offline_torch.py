@@ -7,7 +7,10 @@ called in a tight loop on ready-made batches. Two figures per batch size:
 * ``runner``: ``BatchRunner.run`` on a list of per-item tensors, which adds input
   validation, stacking and per-item post-processing, i.e. what a node pays per batch.
 
-Run: ``python bench/offline_torch.py [--format torchscript|export|state_dict] [--n 20000]``.
+Run: ``python bench/offline_torch.py [--format torchscript|export|state_dict] [--n 20000]``;
+``python -m bench.offline_torch --pair A.pt B.pt [--seconds 8]`` prints the requests/s of
+two saved models run one after the other on batches of 64 (what one worker's A/B pair does
+on one core; the scale-out bench runs one per core at once to see how the machine scales).
 """
 
 from __future__ import annotations
@@ -93,6 +96,24 @@ def runner_throughput(
     return calls * batch_size / elapsed
 
 
+def pair_rate(
+    paths: tuple[Path, Path], in_features: int, seconds: float, *, batch: int = 64
+) -> float:
+    """Requests/s of model A then model B, each on the same batch of ``batch`` requests,
+    for ``seconds`` (after two untimed rounds)."""
+    models = [load_model(p, name=p.stem, device="auto") for p in paths]
+    runners = [BatchRunner(m, None, "sigmoid") for m in models]
+    items = [torch.randn(in_features) for _ in range(batch)]
+    for runner in runners * 2:
+        runner.run(items)
+    start, rounds = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for runner in runners:
+            runner.run(items)
+        rounds += 1
+    return rounds * batch / (time.perf_counter() - start)
+
+
 def _save(model: nn.Module, fmt: str, directory: Path, example: torch.Tensor) -> Path:
     if fmt == "torchscript":
         path = directory / "mlp.pt"
@@ -120,7 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    parser.add_argument("--pair", nargs=2, type=Path, help="two saved models: A then B rate")
+    parser.add_argument("--seconds", type=float, default=8.0, help="--pair: time to run")
     args = parser.parse_args(argv)
+    if args.pair:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rate = pair_rate(tuple(args.pair), args.in_features, args.seconds)
+        print(f"pair_rate {rate:.3f}", flush=True)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
