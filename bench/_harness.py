@@ -508,9 +508,22 @@ class Workers:
         fh.close()
         self.logs.append(log)
 
-    def start_module(self, module: str, args: Sequence[str], **env: str) -> None:
-        """``python -m module args...`` (a bench worker of our own)."""
-        self._start(["-m", module, *args], env, None)
+    def start_module(
+        self, module: str, args: Sequence[str], *, cpu: int | None = None, **env: str
+    ) -> None:
+        """``python -m module args...`` (a bench process of our own); ``cpu``: pinned to it."""
+        self._start(["-m", module, *args], env, None if cpu is None else {cpu})
+
+    def outputs(self, timeout: float) -> list[str]:
+        """Wait for processes that end by themselves; return each one's output (its log).
+        Raises :class:`WorkerDied` naming the first that failed."""
+        for proc in self.procs:
+            proc.wait(timeout)
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.returncode:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                raise WorkerDied(f"{proc.pid} exited ({proc.returncode}); log {log}:\n{tail}")
+        return [log.read_text(errors="replace") for log in self.logs]
 
     def cpu_s(self) -> list[float]:
         """CPU seconds each worker used so far."""

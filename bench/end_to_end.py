@@ -39,10 +39,7 @@ Peak RSS is VmHWM of each worker process. Run:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -51,7 +48,6 @@ import torch
 from abdag.demo.fraud import train_models
 from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
 from bench._harness import (
-    REPO,
     CpuShare,
     Result,
     Stack,
@@ -202,31 +198,20 @@ def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[fl
     return rates
 
 
-def offline_per_core(paths: tuple[Path, Path], args: argparse.Namespace, cores: int) -> float:
+def offline_per_core(
+    stack: Stack, paths: tuple[Path, Path], args: argparse.Namespace, cores: int
+) -> float:
     """Requests/s of A then B offline in ``cores`` processes at once, one pinned per core
     (bench.offline_torch --pair): how far the machine itself scales this model-bound work."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
-    argv = [sys.executable, "-m", "bench.offline_torch", "--pair", *map(str, paths)]
-    argv += ["--in-features", str(args.in_features), "--threads", str(args.threads or 1)]
-    argv += ["--seconds", "3" if args.quick else "8"]
-    procs = [
-        subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}),
-        )
-        for core in range(cores)
-    ]
-    total = 0.0
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        if proc.returncode:
-            raise RuntimeError(f"offline pair run failed ({proc.returncode}): {out[-500:]}")
-        total += float(out.split("pair_rate")[-1])
-    return total
+    argv = ["--pair", *map(str, paths), "--in-features", str(args.in_features)]
+    argv += ["--threads", str(args.threads or 1), "--seconds", "3" if args.quick else "8"]
+    with Workers(stack, unique_name(f"offline{cores}-")) as procs:
+        for core in range(cores):
+            procs.start_module(
+                "bench.offline_torch", argv, cpu=core, OMP_NUM_THREADS=str(args.threads or 1)
+            )
+        outputs = procs.outputs(timeout=300)
+    return sum(float(out.split("pair_rate")[-1]) for out in outputs)
 
 
 def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
@@ -240,9 +225,9 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
             _save(MLP(args.in_features, args.hidden).eval(), "torchscript", folder, example)
         )
     model_rates = offline_rates((paths[0], paths[1]), args)
-    serial = 1.0 / sum(1.0 / r for r in model_rates)  # A then B on one core
     cores = min(2, os.cpu_count() or 1)
-    machine = {k: offline_per_core((paths[0], paths[1]), args, k) for k in (1, cores)}
+    machine = {k: offline_per_core(stack, (paths[0], paths[1]), args, k) for k in (1, cores)}
+    serial = machine[1]  # A then B on one core
     stream = IndexStream(size=16)
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     title = (
