@@ -13,8 +13,9 @@ All on one private stack (bench._harness.local_stack), in one run:
    Latency per request = ``paired_ts - request_ts`` from ``pairs FINAL`` (produce -> pair
    emitted by the comparison node; the sink's batching, up to 0.5 s, comes after). p50 and
    p99 per rate.
-3. **scale-out**: a model-bound A/B DAG (two MLPs ``in -> hidden -> hidden -> 1``,
-   bench.offline_torch.MLP, inputs picked by index from a fixed matrix, no labels) with
+3. **scale-out**: a model-bound A/B DAG (two MLPs ``in -> hidden -> hidden -> 1`` over
+   ``--steps`` steps per request, bench.offline_torch.MLP, default 512-2048-2048-1 x 16
+   steps; inputs picked by index from a fixed tensor, no labels) with
    1 worker, then 2 workers, unpinned and pinned to one core per worker (``--pin``). Each
    worker runs with ``OMP_NUM_THREADS=--threads`` (default 1: torch's own threads would
    otherwise take both cores for one model). Pairs/s = (n - 1) / span of ``paired_ts``,
@@ -32,8 +33,8 @@ All on one private stack (bench._harness.local_stack), in one run:
 
 Peak RSS is VmHWM of each worker process. Run:
 ``.venv/bin/python -m bench.end_to_end [--quick] [--n 20000] [--repeat 3] [--rates 50,200]
-[--duration 20] [--scale-n 2000] [--hidden 8192] [--threads 1] [--pin both] [--experiments 1,10,50]
-[--device auto] [--skip e2e,scale,many]``.
+[--duration 20] [--scale-n 3000] [--hidden 2048] [--steps 16] [--threads 1] [--pin both]
+[--experiments 1,10,50] [--device auto] [--skip e2e,scale,many]``.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ BIG_AB_DAG = """
 import torch
 from agents import Dag
 
-X = torch.randn(1024, {features}, generator=torch.Generator().manual_seed(0))
+X = torch.randn(64, {steps}, {features}, generator=torch.Generator().manual_seed(0)).squeeze(1)
 
 
 def features(event):
-    return X[int(event.payload["i"]) % 1024]
+    return X[int(event.payload["i"]) % 64]
 
 
 dag = Dag({name!r}, partitions=4)
@@ -181,6 +182,11 @@ def throughput_and_latency(
         )
 
 
+def item_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    """One scale-out request's model input: ``(steps, in_features)``, or ``(in_features,)``."""
+    return (args.steps, args.in_features) if args.steps > 1 else (args.in_features,)
+
+
 def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[float]:
     """BatchRunner items/s of each model alone (same torch threads as a worker, batch 64)."""
     before = torch.get_num_threads()
@@ -189,7 +195,7 @@ def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[fl
         rates = []
         for path in paths:
             model = load_model(path, name="mlp", device=args.device)
-            example = torch.randn(args.in_features)
+            example = torch.randn(*item_shape(args))
             runner = BatchRunner(model, None, "sigmoid")
             n = 320 if args.quick else 1280
             rates.append(runner_throughput(runner, 64, n, example, warmup=2))
@@ -204,6 +210,7 @@ def offline_per_core(
     """Requests/s of A then B offline in ``cores`` processes at once, one pinned per core
     (bench.offline_torch --pair): how far the machine itself scales this model-bound work."""
     argv = ["--pair", *map(str, paths), "--in-features", str(args.in_features)]
+    argv += ["--steps", str(args.steps)]
     argv += ["--threads", str(args.threads or 1), "--seconds", "3" if args.quick else "8"]
     with Workers(stack, unique_name(f"offline{cores}-")) as procs:
         for core in range(cores):
@@ -220,7 +227,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
         torch.manual_seed(k)
         folder = stack.work / f"big{k}"
         folder.mkdir()
-        example = torch.randn(args.in_features)
+        example = torch.randn(*item_shape(args))
         paths.append(
             _save(MLP(args.in_features, args.hidden).eval(), "torchscript", folder, example)
         )
@@ -231,7 +238,8 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
     stream = IndexStream(size=16)
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     title = (
-        f"scale-out (model-bound A/B: 2 x MLP {args.in_features}-{args.hidden}-{args.hidden}-1, "
+        f"scale-out (model-bound A/B: 2 x MLP {args.in_features}-{args.hidden}-{args.hidden}-1"
+        f"{f' over {args.steps} steps' if args.steps > 1 else ''}, "
         f"{args.threads or 'default'} torch thread(s) per model)"
     )
     for pin in args.pin_modes:
@@ -245,6 +253,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
                 BIG_AB_DAG.format(
                     name=name,
                     features=args.in_features,
+                    steps=args.steps,
                     a=str(paths[0]),
                     b=str(paths[1]),
                     device=args.device,
@@ -351,9 +360,10 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--n", type=int, default=None, help="throughput requests (20000)")
     parser.add_argument("--rates", default="50,200", help="latency runs, requests/s, comma-sep.")
     parser.add_argument("--duration", type=float, default=None, help="latency run seconds (20)")
-    parser.add_argument("--scale-n", type=int, default=None, help="scale-out requests (2000)")
+    parser.add_argument("--scale-n", type=int, default=None, help="scale-out requests (3000)")
     parser.add_argument("--in-features", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=8192, help="scale-out MLP width")
+    parser.add_argument("--hidden", type=int, default=2048, help="scale-out MLP width")
+    parser.add_argument("--steps", type=int, default=16, help="scale-out steps per request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads/worker (0: default)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> Result:
     args.n = args.n or (600 if q else 20000)
     args.repeat = args.repeat or (1 if q else 3)
     args.duration = args.duration or (3.0 if q else 20.0)
-    args.scale_n = args.scale_n or (300 if q else 2000)
+    args.scale_n = args.scale_n or (300 if q else 3000)
     args.many_n = args.many_n or (200 if q else 500)
     args.experiments = [
         int(x) for x in (args.experiments or ("1,3" if q else "1,10,50")).split(",")
@@ -395,6 +405,7 @@ def main(argv: list[str] | None = None) -> Result:
                 "scale_n",
                 "in_features",
                 "hidden",
+                "steps",
                 "threads",
                 "device",
                 "pin",

@@ -31,20 +31,33 @@ BATCH_SIZES = (1, 8, 32, 128, 512)
 
 
 class MLP(nn.Module):
-    """A small tabular scorer: the typical shape of a CTR/fraud model served per message."""
+    """A small tabular scorer: the typical shape of a CTR/fraud model served per message.
+
+    An item may also be a sequence ``(steps, in_features)`` (say, a card's last
+    transactions): the hidden layers run on each step and their mean is scored. Such a
+    model does ``steps`` times the work per request on the same weights, so it stays
+    compute-bound where a wider one would wait on memory (see the scale-out bench).
+
+    >>> model = MLP(in_features=4, hidden=8)
+    >>> model(torch.zeros(3, 4)).shape, model(torch.zeros(3, 5, 4)).shape
+    (torch.Size([3, 1]), torch.Size([3, 1]))
+    """
 
     def __init__(self, in_features: int = 64, hidden: int = 256) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        self.hidden = nn.Sequential(
             nn.Linear(in_features, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
-            nn.Linear(hidden, 1),
         )
+        self.score = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        h = self.hidden(x)
+        if h.dim() == 3:  # (batch, steps, hidden): one summary per item
+            h = h.mean(dim=1)
+        return self.score(h)
 
 
 def _calls_for(batch_size: int, n: int) -> int:
@@ -97,13 +110,20 @@ def runner_throughput(
 
 
 def pair_rate(
-    paths: tuple[Path, Path], in_features: int, seconds: float, *, batch: int = 64
+    paths: tuple[Path, Path],
+    in_features: int,
+    seconds: float,
+    *,
+    batch: int = 64,
+    steps: int = 1,
 ) -> float:
-    """Requests/s of model A then model B, each on the same batch of ``batch`` requests,
-    for ``seconds`` (after two untimed rounds)."""
+    """Requests/s of model A then model B, each on the same batch of ``batch`` requests
+    (items of ``steps`` x ``in_features`` when ``steps`` > 1), for ``seconds`` (after two
+    untimed rounds)."""
     models = [load_model(p, name=p.stem, device="auto") for p in paths]
     runners = [BatchRunner(m, None, "sigmoid") for m in models]
-    items = [torch.randn(in_features) for _ in range(batch)]
+    shape = (steps, in_features) if steps > 1 else (in_features,)
+    items = [torch.randn(*shape) for _ in range(batch)]
     for runner in runners * 2:
         runner.run(items)
     start, rounds = time.perf_counter(), 0
@@ -143,11 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     parser.add_argument("--pair", nargs=2, type=Path, help="two saved models: A then B rate")
     parser.add_argument("--seconds", type=float, default=8.0, help="--pair: time to run")
+    parser.add_argument("--steps", type=int, default=1, help="--pair: steps per item")
     args = parser.parse_args(argv)
     if args.pair:
         if args.threads:
             torch.set_num_threads(args.threads)
-        rate = pair_rate(tuple(args.pair), args.in_features, args.seconds)
+        rate = pair_rate(tuple(args.pair), args.in_features, args.seconds, steps=args.steps)
         print(f"pair_rate {rate:.3f}", flush=True)
         return
 
