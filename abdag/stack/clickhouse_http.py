@@ -46,8 +46,9 @@ Not implemented: HTTP sessions (``session_id`` is accepted and ignored, so SET, 
 temporary tables last one request), external data (file parts in multipart requests, answered
 with NOT_IMPLEMENTED), ``compress=1``/``decompress=1`` (ClickHouse's own block compression,
 refused), authentication (``user``/``password`` are ignored: bind to 127.0.0.1 only), progress
-headers, query cancellation on client disconnect, and streaming of large results (each result
-is held in memory once, then sent).
+headers, query cancellation on client disconnect, streaming of large results (each result
+is held in memory once, then sent), and CHECK constraints on ``INSERT ... FORMAT`` data (chdb's
+streaming inserter does not evaluate them; ``INSERT ... VALUES`` in SQL does).
 """
 
 from __future__ import annotations
