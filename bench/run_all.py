@@ -53,6 +53,13 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 - Workers (and the pass-through) run with the worker's interpreter settings
   (`agents.config.tune_interpreter`): since 2026-11-23 17:30 these include fewer
   garbage collections, which took ~11% of a busy worker's CPU.
+- **Scale-out** (since 2026-11-23 19:00) runs two MLPs 512-2048-2048-1 over 16 steps per
+  request: compute-bound, the machine alone scales it ~1.95x on 2 cores. Before, two MLPs
+  512-8192-8192-1 read 272 MB of weights per batch and waited on memory: the machine
+  alone scaled them only 1.67-1.81x, which capped what 2 workers could show.
+- **Sink** baseline (since 2026-11-23 19:00): `client.insert` with one insert context made
+  beforehand, as the sink does since then (without it the client asks the column types
+  before every insert).
 - Ratios are between figures of the same run. The broker, ClickHouse, the workers and the
   bench driver share the machine's cores, so absolute figures are machine-bound.
 """
