@@ -41,7 +41,9 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 - **End-to-end** requests/s use wall time: first produce call until every expected pair is
   visible in ClickHouse (polled every 0.25 s), over 20,000 requests (5,000 before
   2026-11-23 17:30: start and drain, ~0.8 s, weighed more), in 3 rounds alternating with
-  the pass-through (a fresh worker each), medians compared.
+  the pass-through (a fresh worker each), medians compared. Since 2026-11-23 19:30 against
+  the pass-through's own wall time (first produce call -> last output); before, against
+  its outputs' span, which leaves its start and tail out (a stricter comparison).
 - **Latency** = `paired_ts - request_ts` per request, `request_ts` being the `ts` the
   producer put in the event at send time; request i is sent at `start + i / rate`
   (`topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
