@@ -27,6 +27,7 @@ the stack (Tansu + ClickHouse endpoint on free ports in a temp dir) is stopped b
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -59,6 +60,15 @@ from topics.producer import pace
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 PARTITIONS = 4
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Stop at once, with a one-line reason, when ``--device cuda`` asks for a GPU this
+    machine lacks (rather than after the stack started, with a traceback)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available here (torch {torch.__version__})")
 
 
 # -- the stack ---------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from bench._harness import (
     Result,
     Stack,
     Workers,
+    check_device,
     local_stack,
     median,
     passthrough_run,
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--skip", default="", help="comma-separated: e2e,scale,many")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     q = args.quick
     args.n = args.n or (600 if q else 20000)
     args.repeat = args.repeat or (1 if q else 3)

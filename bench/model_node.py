@@ -53,6 +53,7 @@ from bench._harness import (
     Result,
     Stack,
     Workers,
+    check_device,
     create_topics,
     local_stack,
     measure_topic_run,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> Result:
     )
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     args.n = args.n or (1000 if args.quick else 10_000)
     args.warmup = args.warmup or max(4 * args.batch, 200)
     args.repeat = args.repeat or (1 if args.quick else 3)

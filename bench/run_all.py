@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._harness import REPO, RESULTS_DIR, command_line, fmt, fmt_ratio
+from bench._harness import REPO, RESULTS_DIR, check_device, command_line, fmt, fmt_ratio
 
 BENCHES = ("model_node", "model_node_1thread", "comparison", "end_to_end")
 VARIANTS = {"model_node_1thread": ("model_node", ["--torch-threads", "1"])}
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render-only", action="store_true", help="re-render saved results")
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
+    if args.device:
+        check_device(parser, args.device)
     only = [b for b in args.only.split(",") if b]
     unknown = set(only) - set(BENCHES)
     if unknown:
