@@ -94,14 +94,16 @@ class ClickHouseSink:
                 if _is_refusal(exc):
                     refusals += 1
                     if refusals >= 2:  # the same batch refused twice: find the bad rows
-                        return self._write_one_by_one(rows)
+                        rejected = self._set_refused_apart(rows, _first_line(exc))
+                        log.error("ClickHouse refused %d rows of %s", len(rejected), self.table)
+                        return rejected
                 elif self.stop.is_set():
                     raise
                 log.warning(
                     "ClickHouse insert of %d rows into %s failed (%s); retrying in %.1f s",
                     len(rows),
                     self.table,
-                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc),
+                    _first_line(exc)[:200],
                     delay,
                 )
                 if self.stop.wait(delay):
@@ -111,20 +113,41 @@ class ClickHouseSink:
             self.rows_written += len(rows)
             return []
 
-    def _write_one_by_one(self, rows: Sequence[Sequence[Any]]) -> list[tuple[Sequence[Any], str]]:
-        rejected = []
-        for row in rows:
+    def _set_refused_apart(
+        self, rows: Sequence[Sequence[Any]], reason: str
+    ) -> list[tuple[Sequence[Any], str]]:
+        """Insert what ClickHouse accepts of a batch it refused (for ``reason``) by halving
+        it; return the rows refused alone, each with the reason.
+
+        A refused insert commits nothing, so an accepted half is written once; one bad row
+        in 5,000 costs about 2 x log2(5,000) = 25 inserts instead of 5,000 one-row ones.
+        """
+        if len(rows) == 1:
+            return [(rows[0], reason[:500])]
+        rejected: list[tuple[Sequence[Any], str]] = []
+        half = len(rows) // 2
+        parts = [rows[half:], rows[:half]]
+        while parts:
+            part = parts.pop()
             try:
-                self._insert([row])
-                self.rows_written += 1
+                self._insert(part)
             except Exception as exc:  # noqa: BLE001
                 if not _is_refusal(exc):
-                    self.write([row])  # an outage after all: wait it out
-                    continue
-                rejected.append((row, str(exc).strip().splitlines()[0][:500]))
-        if rejected:
-            log.error("ClickHouse refused %d rows of %s", len(rejected), self.table)
+                    rejected += self.write(part)  # an outage after all: wait it out
+                elif len(part) == 1:
+                    rejected.append((part[0], _first_line(exc)[:500]))
+                else:
+                    half = len(part) // 2
+                    parts += [part[half:], part[:half]]  # the first half next
+                continue
+            self.rows_written += len(part)
         return rejected
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_refusal(exc: BaseException) -> bool:

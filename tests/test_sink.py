@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import pytest
@@ -65,3 +66,19 @@ def test_a_row_the_client_cannot_encode_comes_back_and_the_rest_land(stack, tabl
     assert all(reason for _, reason in refused)
     assert client.query(f"SELECT id FROM {name} ORDER BY id").result_rows == [(3,), (4,)]
     assert sink.rows_written == 2
+
+
+def test_one_bad_row_in_a_thousand_is_found_by_halving_not_row_by_row(stack, table):
+    name, client = table
+    counts = {"contexts": 0, "inserts": 0}
+    sink = ClickHouseSink(
+        lambda: CountingClient(connect(stack), counts), name, ["id", "note"], on_connect=None
+    )
+    rows = [[i, f"row {i}"] for i in range(1000)]
+    rows[637] = ["six hundred", "id in words"]
+    refused = sink.write(rows)
+    assert [row for row, _ in refused] == [["six hundred", "id in words"]]
+    landed = client.query(f"SELECT count(), sum(id), countIf(id = 637) FROM {name}")
+    assert landed.result_rows == [(999, sum(range(1000)) - 637, 0)]
+    # 2 refused tries of the whole batch, then one good and one refused half per level
+    assert counts["inserts"] <= 2 + 2 * math.ceil(math.log2(1000))
