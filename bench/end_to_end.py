@@ -65,14 +65,14 @@ from bench._harness import (
     rounds,
     unique_name,
 )
-from bench.offline_torch import MLP, _save, runner_throughput
+from bench.offline_torch import MLP, _save, item_shape, runner_throughput
 from models import BatchRunner, load_model
 
 BIG_AB_DAG = """
 import torch
 from agents import Dag
 
-X = torch.randn(64, {steps}, {features}, generator=torch.Generator().manual_seed(0)).squeeze(1)
+X = torch.randn(64, *{shape}, generator=torch.Generator().manual_seed(0))
 
 
 def features(event):
@@ -196,11 +196,6 @@ def throughput_and_latency(
         )
 
 
-def item_shape(args: argparse.Namespace) -> tuple[int, ...]:
-    """One scale-out request's model input: ``(steps, in_features)``, or ``(in_features,)``."""
-    return (args.steps, args.in_features) if args.steps > 1 else (args.in_features,)
-
-
 def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[float]:
     """BatchRunner items/s of each model alone (same torch threads as a worker, batch 64)."""
     before = torch.get_num_threads()
@@ -209,7 +204,7 @@ def offline_rates(paths: tuple[Path, Path], args: argparse.Namespace) -> list[fl
         rates = []
         for path in paths:
             model = load_model(path, name="mlp", device=args.device)
-            example = torch.randn(*item_shape(args))
+            example = torch.randn(*item_shape(args.in_features, args.steps))
             runner = BatchRunner(model, None, "sigmoid")
             n = 320 if args.quick else 1280
             rates.append(runner_throughput(runner, 64, n, example, warmup=2))
@@ -241,7 +236,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
         torch.manual_seed(k)
         folder = stack.work / f"big{k}"
         folder.mkdir()
-        example = torch.randn(*item_shape(args))
+        example = torch.randn(*item_shape(args.in_features, args.steps))
         paths.append(
             _save(MLP(args.in_features, args.hidden).eval(), "torchscript", folder, example)
         )
@@ -266,8 +261,7 @@ def scale_out(stack: Stack, args: argparse.Namespace, res: Result) -> None:
             file.write_text(
                 BIG_AB_DAG.format(
                     name=name,
-                    features=args.in_features,
-                    steps=args.steps,
+                    shape=item_shape(args.in_features, args.steps),
                     a=str(paths[0]),
                     b=str(paths[1]),
                     device=args.device,

@@ -60,6 +60,12 @@ class MLP(nn.Module):
         return self.score(h)
 
 
+def item_shape(in_features: int, steps: int = 1) -> tuple[int, ...]:
+    """One request's input to :class:`MLP`: ``(steps, in_features)``, or ``(in_features,)``
+    for one step."""
+    return (steps, in_features) if steps > 1 else (in_features,)
+
+
 def _calls_for(batch_size: int, n: int) -> int:
     return max(math.ceil(n / batch_size), 5)
 
@@ -122,8 +128,7 @@ def pair_rate(
     untimed rounds)."""
     models = [load_model(p, name=p.stem, device="auto") for p in paths]
     runners = [BatchRunner(m, None, "sigmoid") for m in models]
-    shape = (steps, in_features) if steps > 1 else (in_features,)
-    items = [torch.randn(*shape) for _ in range(batch)]
+    items = [torch.randn(*item_shape(in_features, steps)) for _ in range(batch)]
     for runner in runners * 2:
         runner.run(items)
     start, rounds = time.perf_counter(), 0
