@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from abdag.settings import Settings
 from agents.config import LOG_LEVELS
+from agents.logfilters import install_log_filters
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Handler] = {}
@@ -30,8 +32,44 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that can take a subcommand's options between its positionals.
+
+    argparse fills every positional it can at the first positional it meets, so for
+    ``produce DAG --source S FILE`` it gave ``FILE``'s slot nothing at ``DAG`` and then
+    refused ``FILE``; ``intermixed=True`` parses options first, then the positionals (as
+    ``parse_intermixed_args`` does). ``one_of`` maps dests to their names on the command
+    line: exactly one must be given (argparse's exclusive groups cannot hold a positional
+    that is parsed this way).
+    """
+
+    def __init__(
+        self, *args: Any, intermixed: bool = False, one_of: dict[str, str] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self._intermixed = intermixed
+        self._one_of = one_of or {}
+        self._in_parse = False
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if not self._intermixed or self._in_parse:  # parse_known_intermixed_args calls back
+            return super().parse_known_args(args, namespace)
+        self._in_parse = True
+        try:
+            ns, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._in_parse = False
+        given = [flag for dest, flag in self._one_of.items() if getattr(ns, dest, None) is not None]
+        if self._one_of and len(given) != 1:
+            names = " or ".join(self._one_of.values())
+            self.error(f"give {names}, not both" if given else f"give {names}")
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="abdag", description=__doc__.splitlines()[0])
+    p = _Parser(prog="abdag", description=__doc__.splitlines()[0])
     p.add_argument("--broker", help="Kafka bootstrap host:port (env ABDAG_BROKER)")
     p.add_argument(
         "--clickhouse-url",
@@ -53,14 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("topics", help="create and describe a DAG's topics")
     t.add_argument("dag_file")
 
-    pr = sub.add_parser("produce", help="send events to a DAG source's input topic")
+    pr = sub.add_parser(
+        "produce",
+        help="send events to a DAG source's input topic",
+        usage="abdag produce DAG_FILE --source NAME (FILE | --synthetic N) [--rate R] [--seed S]",
+        intermixed=True,  # options before or after FILE
+        one_of={"file": "FILE", "synthetic": "--synthetic N"},
+    )
     pr.add_argument("dag_file")
     pr.add_argument("--source", required=True, help="name of the source node")
-    src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("file", nargs="?", help="a JSON-lines file, one event per line")
-    src.add_argument(
-        "--synthetic", type=int, metavar="N", help="N events from the source's sampler"
-    )
+    pr.add_argument("file", nargs="?", help="a JSON-lines file, one event per line")
+    pr.add_argument("--synthetic", type=int, metavar="N", help="N events from the source's sampler")
     pr.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
     pr.add_argument("--seed", type=int, default=0)
 
@@ -120,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_log_filters()  # before any command: workers, the dashboard and sql log through it
     settings = Settings.from_env().with_overrides(
         broker=args.broker,
         clickhouse_url=args.clickhouse_url,

@@ -63,8 +63,9 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
     from abdag.cli import UserError
-    from agents.app import build_app
+    from agents.app import REQUIRED_RECORD_BYTES, build_app
     from agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
+    from agents.producer import RecordLimitTooSmall, record_limit
     from agents.topology import dag_topics
     from models import ModelError, apply_cpu_threads
     from topics.admin import ensure_topics
@@ -75,8 +76,13 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
     except ModelError as exc:
         raise UserError(str(exc)) from exc
     dag = _load_valid_dag(args.dag_file)
-    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
-    app, _ = build_app(dag, settings)
+    topics = dag_topics(dag)
+    ensure_topics(settings.broker, topics, dag.partitions)
+    try:
+        limit = record_limit(settings.broker, list(topics), REQUIRED_RECORD_BYTES)
+    except RecordLimitTooSmall as exc:
+        raise UserError(str(exc)) from exc
+    app, _ = build_app(dag, settings, max_record_bytes=limit)
     hold_log_level(app, args.loglevel)
     argv = ["abdag worker", "worker", "--loglevel", args.loglevel]
     if args.web_port:
@@ -104,15 +110,15 @@ def produce(args: argparse.Namespace, settings: Settings) -> int:
     if not isinstance(node, Source | LabelSource):
         sources = [n.name for n in dag.nodes.values() if isinstance(n, Source | LabelSource)]
         raise UserError(f"{args.source!r} is not a source of DAG {dag.name!r}; sources: {sources}")
-    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
-    topic = input_topic(dag.name, node.name)
     if args.synthetic is not None:
         if not isinstance(node, Source) or node.sampler is None:
             raise UserError(f"source {node.name!r} has no sampler for --synthetic")
         events = node.sampler(args.synthetic, args.seed)
         total = len(events)
-    else:
+    else:  # opened now: a missing file is one line (BadEventFile) before any broker call
         events, total = read_jsonl(args.file), None
+    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
+    topic = input_topic(dag.name, node.name)
     n = send(settings.broker, topic, events, total=total, rate=args.rate)
     print(f"{n} events delivered to {topic}")
     return 0
@@ -128,11 +134,47 @@ def sql(args: argparse.Namespace, settings: Settings) -> int:
 
     client = connect(settings, readonly=True)
     try:
-        result = client.query(args.query)
+        table = _sql_table(client, args.query)
     except DatabaseError as exc:
         raise UserError(str(exc).strip().splitlines()[0]) from None
-    print(render(result.column_names, result.result_rows, args.format))
+    if table is None:  # KILL QUERY that matched nothing, USE ...: nothing to print but that
+        print({"json": "[]", "csv": ""}.get(args.format, "ok: the statement returned no table"))
+        return 0
+    columns, rows = table
+    if not columns and not rows and args.format == "table":
+        print("(0 rows)")  # a SELECT of no rows: the server may send no header either
+        return 0
+    print(render(columns, rows, args.format))
     return 0
+
+
+def _sql_table(client, query: str) -> tuple[list[str], list] | None:
+    """``(columns, rows)`` of a statement's result, or None when it returns no table.
+
+    clickhouse-connect runs statements that start like a command (KILL, CHECK, SET, USE,
+    ...) through ``command()``, which returns bare rows without column names: ``KILL QUERY
+    WHERE 1`` came back as one four-value row under no columns (``zip()`` failed on it).
+    Those are asked for as JSONCompact, which carries the names; a statement that takes no
+    FORMAT clause (SET, USE) is a syntax error that way and runs as the command it is.
+    """
+    import json
+
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    if not client.create_query_context(query=query).is_command:
+        result = client.query(query)
+        return list(result.column_names), result.result_rows
+    try:
+        body = client.raw_query(query, fmt="JSONCompact")
+    except DatabaseError as exc:
+        if "SYNTAX_ERROR" not in str(exc) and "Syntax error" not in str(exc):
+            raise
+        client.command(query)  # the statement's own error, if it has one, is raised here
+        return None
+    if not body.strip():
+        return None
+    doc = json.loads(body)
+    return [m["name"] for m in doc["meta"]], doc["data"]
 
 
 @command("demo")

@@ -31,10 +31,11 @@ from abdag.settings import Settings
 from agents.config import broker_kind, faust_settings, fetch_wait
 from agents.consumer import use_resume_at_committed_consumer
 from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
-from agents.producer import OutputProducer, OutRecord
+from agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
 from agents.tables import JsonTable
 from comparators.decisions import served_side
 from comparators.join import PairJoin
+from comparators.labels import check_label
 from comparators.rows import (
     PAIR_COLUMNS,
     SNAPSHOT_COLUMNS,
@@ -63,7 +64,8 @@ from topics import (
     served_topic,
     snapshots_topic,
 )
-from topics.packs import Headers, Packed, packs_by_partition, partition_for, unpack
+from topics.packs import Headers, Packed, is_pack, packs_by_partition, partition_for, unpack
+from topics.records import MAX_EVENT_BYTES
 
 log = logging.getLogger("abdag.worker")
 INLINE_BELOW_MS = 2.0  # a model node infers a batch this quick on the event loop
@@ -79,6 +81,10 @@ INPUT_BUFFER = 16384
 # The pairs topic carries lists of rows (one record per partition and batch, not per pair:
 # it only feeds the ClickHouse sink); 200 rows stay well under Kafka's 1 MB record limit.
 PAIR_ROWS_PER_RECORD = 200
+# The largest record abdag sends by design: one event of up to MAX_EVENT_BYTES, alone in its
+# pack, with the outputs of the models before it. A broker that takes less is refused at
+# start-up (agents.producer.record_limit); anything larger is dead-lettered.
+REQUIRED_RECORD_BYTES = MAX_EVENT_BYTES + 64 * 1024
 EXPERIMENT_COLUMNS = [
     "experiment",
     "updated_ts",
@@ -93,7 +99,18 @@ EXPERIMENT_COLUMNS = [
     "split",
     "margin",
 ]
-DEAD_LETTER_COLUMNS = ["dag", "node", "reason", "ts", "request_id", "detail", "count", "source"]
+DEAD_LETTER_COLUMNS = [
+    "dag",
+    "node",
+    "reason",
+    "ts",
+    "request_id",
+    "detail",
+    "count",
+    "source",
+    "original_size",
+    "original_sha256",
+]
 
 
 def worker_name() -> str:
@@ -103,7 +120,9 @@ def worker_name() -> str:
 class DagRuntime:
     """Holds what the agents of one DAG share: topics, dead-letter counts, the sinks."""
 
-    def __init__(self, dag: Dag, settings: Settings) -> None:
+    def __init__(
+        self, dag: Dag, settings: Settings, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    ) -> None:
         self.dag = dag
         self.settings = settings
         self.app_id = f"abdag-{dag.name}"
@@ -115,7 +134,9 @@ class DagRuntime:
         self.stop = threading.Event()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="abdag")
         self.dead_topic = self.topic(dead_letter_topic(dag.name))
-        self.output = OutputProducer(settings.broker)
+        self.output = OutputProducer(
+            settings.broker, max_record_bytes=max_record_bytes, on_refused=self._too_large
+        )
         self.batch_sizes: dict[str, Counter[int]] = {}
         # experiment -> who serves ({"promoted": bool, "retired": bool}), per decisions
         self.controls: dict[str, dict[str, bool]] = {}
@@ -193,31 +214,63 @@ class DagRuntime:
         offset: int = -1,
         index: int = -1,
     ) -> None:
-        letter = DeadLetter(
-            dag=self.dag.name,
-            node=node,
-            reason=err.reason,
-            detail=err.detail[:2000],
-            request_id=err.request_id,
+        letter = DeadLetter.of(
+            self.dag.name,
+            node,
+            err.reason,
+            err.detail[:2000],
+            err.request_id,
+            original=original,
             topic=topic,
             partition=partition,
             offset=offset,
-            original=original,
-            ts=time.time(),
             index=index,
+            ts=time.time(),
         )
-        count = self.dead_counts[(node, err.reason)] = self.dead_counts[(node, err.reason)] + 1
+        self._count_dead(node, err.reason, err.detail)
+        key = (err.request_id or "").encode()
+        await self.send(self.dead_topic.get_topic_name(), [(key, encode(letter), None)])
+
+    def _count_dead(self, node: str, reason: str, detail: str) -> None:
+        count = self.dead_counts[(node, reason)] = self.dead_counts[(node, reason)] + 1
         if count in (1, 10, 100, 1000, 10000):
             log.warning(
                 "node %s: %s (%s); %d so far, see topic %s",
                 node,
-                err.reason,
-                err.detail[:200],
+                reason,
+                detail[:200],
                 count,
                 self.dead_topic.get_topic_name(),
             )
-        key = (err.request_id or "").encode()
-        await self.send(self.dead_topic.get_topic_name(), [(key, encode(letter), None)])
+
+    def _too_large(self, record: OutRecord, why: str) -> OutRecord | None:
+        """The dead letter sent instead of an output record too large for the broker: one
+        record's content must never stop the worker (see agents.producer)."""
+        dead = self.dead_topic.get_topic_name()
+        if record.topic == dead:
+            return None  # cannot happen (letters are bounded); a failure if it does
+        original = record.value or b""
+        request_id = (record.key or b"").decode("utf-8", errors="replace")
+        if not request_id and is_pack(original):
+            try:
+                ids = [str(r.body.get("request_id", "")) for r in unpack(original)]
+            except (BadRecord, AttributeError):
+                ids = []
+            request_id = ids[0] if len(ids) == 1 else ""
+            why += f"; a pack of {len(ids)} records" if len(ids) > 1 else ""
+        node = record.topic.removeprefix(f"abdag.{self.dag.name}.")
+        detail = f"output for {record.topic}: {why}"
+        self._count_dead(node, "too large to send", detail)
+        letter = DeadLetter.of(
+            self.dag.name,
+            node,
+            "too large to send",
+            detail,
+            request_id,
+            original=original,
+            ts=time.time(),
+        )
+        return OutRecord(dead, request_id.encode(), encode(letter))
 
     async def write_rows(
         self, sink: ClickHouseSink, rows: list, origins: list[tuple[str, bytes]]
@@ -319,9 +372,12 @@ class _Stopper(faust.Service):
         self.runtime.output.close()
 
 
-def build_app(dag: Dag, settings: Settings) -> tuple[faust.App, DagRuntime]:
-    """Create the Faust app with one agent per node of ``dag`` (validated beforehand)."""
-    rt = DagRuntime(dag, settings)
+def build_app(
+    dag: Dag, settings: Settings, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> tuple[faust.App, DagRuntime]:
+    """Create the Faust app with one agent per node of ``dag`` (validated beforehand);
+    ``max_record_bytes``: the largest output record (see agents.producer.record_limit)."""
+    rt = DagRuntime(dag, settings, max_record_bytes=max_record_bytes)
     for node in dag.topological():
         if isinstance(node, Source):
             _source_agent(rt, node)
@@ -640,6 +696,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     since_snapshot: Counter[int] = Counter()
     last_snapshot: dict[int, float] = {}
     ticked: dict[str, float] = {}
+    classes: list[int | None] = [None]  # multiclass: the models' number of classes, once seen
 
     def snapshot(partition: int, now: float) -> tuple[bytes, bytes, None]:
         """The partition's metric rows, as one record for the snapshots topic."""
@@ -657,13 +714,18 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
                 emitted = join.expire(e.key.decode(), now)
             elif topic == label_topic:
                 lab = label_from(record.body)
-                emitted = join.offer_label(lab.request_id, lab.label, lab.ts, now)
+                y = check_label(
+                    node.task, lab.label, n_classes=classes[0], request_id=lab.request_id
+                )
+                emitted = join.offer_label(lab.request_id, y, lab.ts, now)
             else:
                 ev = event_from(record.body)
                 side, model = ("a", node.a) if topic == a_topic else ("b", node.b)
                 pred = fields_of(ev.prediction(model))
                 pred["request_ts"] = ev.ts
-                emitted = join.offer_prediction(side, ev.request_id, pred, now)
+                if isinstance(pred["output"], list) and node.task == "multiclass":
+                    classes[0] = max(classes[0] or 0, len(pred["output"]))
+                emitted = join.offer_prediction(side, ev.request_id, pred, now, ev.digest)
                 choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)
                 if side == choice:
                     answer = {"request_id": ev.request_id, "served_by": side, **pred}
@@ -859,6 +921,7 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
                     log.error("unreadable dead letter skipped: %s", exc)
                     continue
                 row = [d.dag, d.node, d.reason, _dt(d.ts), d.request_id, d.detail, 1, d.source]
+                row += [max(d.original_size, len(d.original)), d.original_sha256]
                 rows.append(row)
             for row, reason in await rt.in_thread(sink.write, rows):
                 log.error("ClickHouse refused a dead-letter row (%s): %s", reason, row)

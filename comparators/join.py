@@ -21,6 +21,17 @@ True
 3
 >>> join.offer_prediction("a", "r1", {"score": 0.9}, now=6.0).replay  # re-delivered
 True
+
+What the join cannot use is never dropped silently: it raises
+:class:`~topics.records.BadRecord` (the caller dead-letters the record with that reason) for
+a second event with a request id already seen but another payload (``digest``), a second
+label that differs from the first, and, from :meth:`PairJoin.expire`, a label whose
+request never came within ``label_timeout``.
+
+>>> join.offer_label("r1", 0.0, label_ts=7.0, now=7.0)
+Traceback (most recent call last):
+...
+topics.records.BadRecord: conflicting label: request r1 already has label 1; label 0 not used
 """
 
 from __future__ import annotations
@@ -28,6 +39,9 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+from comparators.labels import label_text
+from topics.records import BadRecord
 
 UNPAIRED, PAIRED, LABELLED = 1, 2, 3
 
@@ -79,13 +93,21 @@ class PairJoin:
         self._scanned_at = float("-inf")
 
     def offer_prediction(
-        self, side: str, request_id: str, prediction: dict[str, Any], now: float
+        self, side: str, request_id: str, prediction: dict[str, Any], now: float, digest: str = ""
     ) -> Emitted | None:
+        """``digest``: the request's payload hash (``Event.digest``); a prediction for a
+        payload other than the one this request id was first seen with is refused."""
         if side not in ("a", "b"):
             raise ValueError(f"side must be 'a' or 'b', got {side!r}")
         entry = self.store.get(request_id) or {"first": now, "stage": 0}
+        first_digest = entry.get("digest")
+        if digest and first_digest and digest != first_digest:
+            self._refuse_duplicate(request_id, entry, digest)
+            return None
         if entry.get(side) is not None:
             return self._replay(request_id, entry)
+        if digest:
+            entry["digest"] = digest
         entry[side] = prediction
         entry.setdefault("first", now)
         entry["touched"] = now
@@ -100,7 +122,15 @@ class PairJoin:
         self, request_id: str, label: float, label_ts: float, now: float
     ) -> Emitted | None:
         entry = self.store.get(request_id) or {"first": now, "stage": 0}
-        if entry.get("label") is not None:  # re-delivered, or a second label: the first wins
+        first = entry.get("label")
+        if first is not None:  # re-delivered, or a second label: the first wins
+            if first != label:
+                raise BadRecord(
+                    "conflicting label",
+                    f"request {request_id} already has label {label_text(first)}; "
+                    f"label {label_text(label)} not used",
+                    request_id,
+                )
             return self._replay(request_id, entry)
         entry["label"] = label
         entry["label_ts"] = label_ts
@@ -110,6 +140,20 @@ class PairJoin:
             emitted = self._emit(request_id, entry, LABELLED)
         self._put(request_id, entry)
         return emitted
+
+    def _refuse_duplicate(self, request_id: str, entry: dict[str, Any], digest: str) -> None:
+        """Refuse another payload under a known request id, once per payload: both model
+        sides see it, and it is one event."""
+        refused = entry.setdefault("refused", [])
+        if digest in refused:
+            return
+        refused.append(digest)
+        self._put(request_id, entry)
+        raise BadRecord(
+            "duplicate request id",
+            f"request {request_id} was first seen with another payload; the first is kept",
+            request_id,
+        )
 
     def _put(self, request_id: str, entry: dict[str, Any]) -> None:
         self.store[request_id] = entry
@@ -165,7 +209,8 @@ class PairJoin:
         return entry["touched"] + self.label_timeout
 
     def expire(self, request_id: str, now: float) -> Emitted | None:
-        """Emit a request that waited too long as unpaired, or forget a finished entry."""
+        """Emit a request that waited too long as unpaired, or forget a finished entry; a
+        label whose request never came is forgotten with a :class:`BadRecord`."""
         entry = self.store.get(request_id)
         if entry is None:
             self._deadlines.pop(request_id, None)  # gone (or its partition moved away)
@@ -181,4 +226,11 @@ class PairJoin:
             return emitted
         del self.store[request_id]
         self._deadlines.pop(request_id, None)
+        if entry.get("label") is not None and not has_side:
+            raise BadRecord(
+                "label without request",
+                f"label {label_text(entry['label'])} waited {self.label_timeout:g} s "
+                "(label_timeout) and no prediction of A or B for this request came",
+                request_id,
+            )
         return None

@@ -338,8 +338,11 @@ class Report:
             f"  {c.get('paired', 0)} paired, {c.get('missing_a', 0)} missing A, "
             f"{c.get('missing_b', 0)} missing B, {c.get('labelled', 0)} labelled, "
             f"{c.get('dead_letters', 0)} dead letters",
-            "",
         ]
+        if self.dead_letters:  # what was refused, and why: nothing is dropped unsaid
+            why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.dead_letters.items()))
+            lines.append(f"  dead letters by reason: {why}")
+        lines.append("")
         if self.metrics:
             level = f"{1 - self.alpha:.0%} CI"
             head = f"  {'metric':<10} {'A':>9} {'B':>9} {'B - A':>9}  {level:<22} better"

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     request_id String,
     detail String,
     count UInt64,
-    source String
+    source String,
+    original_size UInt64,
+    original_sha256 String
 ) ENGINE = MergeTree ORDER BY (dag, ts)
 
 """
@@ -53,7 +55,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: dead_letters.original_size, original_sha256
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 STAGE_UNPAIRED = 1
@@ -129,6 +131,8 @@ TABLES: dict[str, Table] = {
             ("detail", "String"),
             ("count", "UInt64"),
             ("source", "String"),
+            ("original_size", "UInt64"),  # bytes of the refused record (its dead letter may
+            ("original_sha256", "String"),  # keep only the start of it: topics.records)
         ),
         "MergeTree",
         "(dag, ts)",

@@ -221,6 +221,7 @@ def _load_state_dict(
     model_class: str | None,
     model_kwargs: dict[str, Any] | None,
 ) -> torch.nn.Module:
+    refuse_raw_pickle(path)
     if model_class is None:
         raise ModelError(
             f"{path}: is a plain state_dict (weights only); pass "
@@ -244,6 +245,77 @@ def _load_state_dict(
             f"{path}: state_dict does not match {model_class}: {_compact(exc)}"
         ) from exc
     return module.to(device).eval()
+
+
+_PICKLE_TYPES = {
+    "EMPTY_DICT": "dict",
+    "DICT": "dict",
+    "EMPTY_LIST": "list",
+    "LIST": "list",
+    "EMPTY_TUPLE": "tuple",
+    "TUPLE": "tuple",
+    "TUPLE1": "tuple",
+    "TUPLE2": "tuple",
+    "TUPLE3": "tuple",
+    "EMPTY_SET": "set",
+    "NONE": "None",
+    "NEWTRUE": "bool",
+    "NEWFALSE": "bool",
+    "BINFLOAT": "float",
+}
+_PICKLE_SKIP = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "MARK"}
+
+
+def refuse_raw_pickle(path: Path) -> None:
+    """Raise :class:`ModelError` saying what a plain ``pickle.dump`` file holds and what to
+    save instead; return for anything else (a torch.save file is a state_dict)."""
+    pickled = _raw_pickle_of(path)
+    if pickled is not None:
+        raise ModelError(
+            f"{path}: is a pickle of a {pickled} (not a torch.save state_dict): abdag does not "
+            "unpickle arbitrary objects; save the model with torch.jit.save or "
+            "torch.export.save, or save model.state_dict() with torch.save and give "
+            "model_class='package.module:ClassName'"
+        )
+
+
+def _raw_pickle_of(path: Path) -> str | None:
+    """What a pickle file holds (``"torch.nn.modules.linear.Linear"``, ``"dict"``) when it
+    is a plain ``pickle.dump``, not a legacy ``torch.save``; None for a torch.save file.
+
+    Legacy torch.save files start with a pickled magic number; anything else that starts
+    like a pickle was written by ``pickle.dump`` (or joblib), and used to be described as
+    "a plain state_dict". Only the opcodes are read (``pickletools``): nothing is executed.
+    """
+    import pickletools
+
+    from torch.serialization import MAGIC_NUMBER
+
+    strings: list[str] = []
+    try:
+        with path.open("rb") as fh:
+            if fh.read(1) != _PICKLE_MAGIC:  # a zip (torch.save since 1.6): not a raw pickle
+                return None
+            fh.seek(0)
+            for op, arg, _ in pickletools.genops(fh):
+                name = op.name
+                if name in _PICKLE_SKIP:
+                    continue
+                if "UNICODE" in name or name.endswith("STRING"):
+                    strings.append(str(arg))  # STACK_GLOBAL's module and name come first
+                    continue
+                if name == "GLOBAL":
+                    return str(arg).replace(" ", ".")
+                if name == "STACK_GLOBAL":
+                    return ".".join(strings[-2:]) if len(strings) >= 2 else "Python object"
+                if name.startswith(("LONG", "INT", "BININT")):
+                    return None if arg == MAGIC_NUMBER else "int"
+                if strings:
+                    return "str"
+                return _PICKLE_TYPES.get(name, "Python object")
+    except (ValueError, OSError):  # not a readable pickle: torch.load words the error
+        return None
+    return None
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

@@ -234,6 +234,10 @@ class ModelRegistry:
                 except (TypeError, ValueError) as exc:
                     raise ModelError(f"{label} must be JSON-serialisable: {exc}") from exc
         fmt = self._format(source, fmt)
+        if fmt == "state_dict":
+            from models.loading import refuse_raw_pickle
+
+            refuse_raw_pickle(source)  # a plain pickle.dump is no state_dict
         if fmt == "state_dict" and not model_class:
             raise ModelError(
                 f"{source}: is a plain state_dict (weights only); register it with "

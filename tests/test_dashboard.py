@@ -108,7 +108,7 @@ def data(stack):
     when = dt.datetime.fromtimestamp(T0, tz=dt.UTC)
     client.insert(
         "dead_letters",
-        [[DAG, "join", reason, when, "", "", n, ""] for reason, n in DEAD.items()],
+        [[DAG, "join", reason, when, "", "", n, "", 0, ""] for reason, n in DEAD.items()],
         column_names=dead_cols,
     )
     report = build_report(client, EXPERIMENT).to_dict()

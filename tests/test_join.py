@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from comparators.join import LABELLED, PAIRED, UNPAIRED, PairJoin
+from topics.records import BadRecord
 
 
 def make(join_timeout=10.0, label_timeout=60.0, keep_done=30.0) -> PairJoin:
@@ -74,6 +77,33 @@ def test_finished_and_abandoned_entries_are_forgotten():
     assert sorted(join.due(now=30)) == ["done"]
     assert join.expire("done", now=30) is None and "done" not in join.store
     assert sorted(join.due(now=60)) == ["nolabel", "orphan"]
-    for rid in ("nolabel", "orphan"):
-        assert join.expire(rid, now=60) is None
+    assert join.expire("nolabel", now=60) is None
+    with pytest.raises(BadRecord, match="label without request") as refused:
+        join.expire("orphan", now=60)  # forgotten, but said: a label whose request never came
+    assert refused.value.request_id == "orphan"
     assert join.store == {}
+    assert join.expire("orphan", now=61) is None  # said once
+
+
+def test_a_second_payload_under_a_known_request_id_is_refused_once_and_the_first_kept():
+    join = make(join_timeout=5, label_timeout=60)
+    join.offer_prediction("a", "r", {"score": 0.1}, now=0, digest="d1")
+    with pytest.raises(BadRecord, match="duplicate request id"):
+        join.offer_prediction("a", "r", {"score": 0.9}, now=1, digest="d2")
+    # B sees the second event too: one event, refused once
+    assert join.offer_prediction("b", "r", {"score": 0.8}, now=1, digest="d2") is None
+    paired = join.offer_prediction("b", "r", {"score": 0.2}, now=2, digest="d1")
+    assert paired.status == "paired" and (paired.a, paired.b) == ({"score": 0.1}, {"score": 0.2})
+    # the first event read again (same payload) is a replay, not a duplicate
+    assert join.offer_prediction("a", "r", {"score": 0.1}, now=3, digest="d1").replay
+
+
+def test_a_different_second_label_is_refused_and_the_same_label_again_is_a_replay():
+    join = make(join_timeout=5, label_timeout=60)
+    join.offer_prediction("a", "r", {"score": 0.1}, now=0)
+    join.offer_prediction("b", "r", {"score": 0.2}, now=0)
+    assert join.offer_label("r", 1.0, label_ts=1, now=1).label == 1.0
+    assert join.offer_label("r", 1.0, label_ts=2, now=2).replay
+    with pytest.raises(BadRecord, match="already has label 1; label 0 not used"):
+        join.offer_label("r", 0.0, label_ts=3, now=3)
+    assert join.store["r"]["label"] == 1.0

@@ -94,3 +94,104 @@ def test_produce_with_a_rate_spreads_the_events_over_time(stack):
     assert len(stamps) == n
     # the broker's create times: a burst (the rate ignored) spans a few milliseconds
     assert (stamps[-1] - stamps[0]) / 1000 >= 0.95 * (n - 1) / rate
+
+
+def test_a_record_over_the_size_limit_is_replaced_and_the_commit_gate_still_opens(stack):
+    topic, letters = new_topic(stack), new_topic(stack)
+    refused: list[tuple[int, str]] = []
+
+    def replace(record: OutRecord, why: str) -> OutRecord:
+        refused.append((len(record.value), why))
+        return OutRecord(letters, record.key, b"letter for " + record.key)
+
+    producer = OutputProducer(stack.broker, max_record_bytes=100_000, on_refused=replace)
+
+    async def send() -> None:
+        await producer.send_all(
+            [
+                OutRecord(topic, b"small-1", b"v"),
+                OutRecord(topic, b"huge", b"x" * 300_000),
+                OutRecord(topic, b"small-2", b"v"),
+            ]
+        )
+        await producer.delivered()  # no DeliveryFailed: the huge record's letter went instead
+
+    asyncio.run(send())
+    assert producer.failed == 0 and producer.replaced == 1
+    assert [size for size, _ in refused] == [300_000]
+    assert "over the record size limit of 100000" in refused[0][1]
+    assert sorted(m.key() for m in read_all(stack, topic, 2)) == [b"small-1", b"small-2"]
+    assert [m.value() for m in read_all(stack, letters, 1)] == [b"letter for huge"]
+
+
+def test_a_record_the_broker_refuses_for_its_size_is_replaced_under_the_same_sequence(stack):
+    # Tansu takes records of any size, so the broker's refusal comes as Kafka reports it:
+    # a delivery report with MSG_SIZE_TOO_LARGE for a record still pending.
+    from confluent_kafka import KafkaError
+
+    letters = new_topic(stack)
+    producer = OutputProducer(
+        stack.broker, on_refused=lambda r, why: OutRecord(letters, r.key, why.encode())
+    )
+
+    class Refused:  # the message as librdkafka hands it to the delivery callback
+        def topic(self):
+            return "abdag.x.model_a"
+
+        def key(self):
+            return b"r-1"
+
+        def value(self):
+            return b"y" * 2_000_000
+
+        def headers(self):
+            return None
+
+        def partition(self):
+            return 0
+
+    async def send() -> None:
+        producer._next, producer._pending = 1, {0}  # record 0 queued before the commit
+        producer._on_delivery(0, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Refused())
+        assert 0 in producer._pending  # the gate waits for the replacement
+        await producer.delivered()
+
+    asyncio.run(send())
+    assert producer.failed == 0 and producer.replaced == 1
+    (letter,) = read_all(stack, letters, 1)
+    assert letter.key() == b"r-1" and letter.value().startswith(b"2000003 bytes")
+
+
+def test_without_a_replacement_an_oversized_record_fails_the_commit_gate(stack):
+    producer = OutputProducer(stack.broker, max_record_bytes=100_000)
+
+    async def send() -> None:
+        await producer.send_all([OutRecord(new_topic(stack), b"huge", b"x" * 300_000)])
+        await producer.delivered()
+
+    with pytest.raises(DeliveryFailed, match="not delivered"):
+        asyncio.run(send())
+
+
+def test_the_record_limit_is_the_producers_when_the_broker_reports_none(stack):
+    from agents.producer import DEFAULT_MAX_RECORD_BYTES, record_limit
+
+    # Tansu reports no configs: the worker keeps librdkafka's limit (and dead-letters above)
+    assert record_limit(stack.broker, [new_topic(stack)], needed=600_000) == (
+        DEFAULT_MAX_RECORD_BYTES
+    )
+
+
+def test_a_broker_limit_under_what_abdag_sends_stops_the_worker_at_start(stack, monkeypatch):
+    import agents.producer as producer_module
+
+    reported = (500_000, "max.message.bytes of topic abdag.x.tx.in")
+    monkeypatch.setattr(producer_module, "broker_record_limit", lambda *a, **k: reported)
+    with pytest.raises(producer_module.RecordLimitTooSmall) as refused:
+        producer_module.record_limit(stack.broker, ["abdag.x.tx.in"], needed=600_000)
+    said = str(refused.value)
+    assert "at most 500000 bytes (max.message.bytes of topic abdag.x.tx.in)" in said
+    assert "raise max.message.bytes to at least 600000" in said
+    larger = (2_000_000, "message.max.bytes of broker 1")
+    monkeypatch.setattr(producer_module, "broker_record_limit", lambda *a, **k: larger)
+    assert producer_module.record_limit(stack.broker, [], needed=600_000) == 1_000_000

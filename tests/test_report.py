@@ -157,6 +157,7 @@ def binary_report(client):
         ["dag1", "model_b", "timeout", T0, "x2", "", 1, "abdag.dag1.tx/3/41"],
         ["dag1", "model_a", "timeout", T0, "x2", "", 1, "abdag.dag1.tx/3/41"],
     ]
+    dead = [row + [0, ""] for row in dead]  # original_size, original_sha256
     client.insert("dead_letters", dead, column_names=[c for c, _ in TABLES["dead_letters"].columns])
     rep = build_report(client, "dag1.binary", n_resamples=500, seed=1)
     return rep, (y, sa, sb, pa, pb)

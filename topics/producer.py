@@ -10,17 +10,36 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from topics.admin import BrokerUnreachable
+from topics.records import MAX_EVENT_BYTES
+
+
+class BadEventFile(ValueError):
+    """A JSON-lines input that cannot be sent as it is: missing, unreadable, or a line that
+    is not a JSON object; the message names the file (and the line)."""
 
 
 def read_jsonl(path: str | Path) -> Iterator[bytes]:
-    """Lines of a JSON-lines file, checked to be JSON objects (line numbers in errors)."""
-    with open(path, "rb") as fh:
+    """Lines of a JSON-lines file, checked to be JSON objects (line numbers in errors).
+
+    The file is opened here, not at the first ``next()``, so a missing file is reported
+    before anything connects to the broker.
+    """
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise BadEventFile(f"{path}: cannot read the events file: {exc.strerror or exc}") from None
+    return _jsonl_lines(path, fh)
+
+
+def _jsonl_lines(path: Path, fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -28,9 +47,11 @@ def read_jsonl(path: str | Path) -> Iterator[bytes]:
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON: {exc}") from None
+                raise BadEventFile(f"{path} line {lineno}: not JSON ({exc})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+                raise BadEventFile(
+                    f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
             yield line
 
 
@@ -44,7 +65,12 @@ def produce(
     progress: bool = True,
     key_field: str = "request_id",
 ) -> int:
-    """Send ``events`` (dicts or JSON bytes); return how many the broker acknowledged."""
+    """Send ``events`` (dicts or JSON bytes); return how many the broker acknowledged.
+
+    When ``events`` raises (a bad line of a file), what was sent before it is still
+    delivered (flushed) before the error goes on; a :class:`BadEventFile` then says how
+    many events were sent before the bad line.
+    """
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -67,7 +93,16 @@ def produce(
     start = time.monotonic()
     last_print = 0.0
     sent = 0
-    for ev in events:
+    stopped: Exception | None = None
+    source = iter(events)
+    while True:
+        try:
+            ev = next(source)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the sent ones are out
+            stopped = exc
+            break
         value = ev if isinstance(ev, bytes) else orjson.dumps(ev)
         key = None
         if isinstance(ev, dict) and ev.get(key_field) is not None:
@@ -78,6 +113,14 @@ def produce(
                 break
             except BufferError:
                 producer.poll(0.05)
+            except KafkaException as exc:  # e.g. over the record size limit: this event's fault
+                stopped = BadEventFile(
+                    f"event {sent + 1} ({len(value)} bytes) not sent: {exc.args[0].str()} "
+                    f"(the DAG refuses events over {MAX_EVENT_BYTES} bytes anyway)"
+                )
+                break
+        if stopped is not None:
+            break
         sent += 1
         producer.poll(0)
         if rate:
@@ -96,6 +139,11 @@ def produce(
             f"{len(errors) + remaining} of {sent} events were not delivered to {topic} at "
             f"{bootstrap}: {errors[0] if errors else 'flush timed out'}"
         )
+    if isinstance(stopped, BadEventFile):
+        were = "event was" if delivered == 1 else "events were"
+        raise BadEventFile(f"{stopped}; {delivered} {were} sent before it") from None
+    if stopped is not None:
+        raise stopped
     return delivered
 
 

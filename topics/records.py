@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,9 @@ import orjson
 SCHEMA_VERSION = 1
 MAX_REQUEST_ID_LEN = 200
 MAX_EVENT_BYTES = 512 * 1024  # larger events are refused at the DAG entry, not carried on
+# A dead letter keeps at most this much of the refused record's bytes (with its full size
+# and hash): the letter itself must fit in one Kafka record, whatever was refused.
+DEAD_LETTER_ORIGINAL_BYTES = 64 * 1024
 
 
 class BadRecord(ValueError):
@@ -59,6 +63,9 @@ class Event:
     ts: float
     payload: dict[str, Any]
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A hash of the payload made at the DAG's entry: two events with one request id and
+    # different payloads are told apart from one event read twice (comparators.join).
+    digest: str = ""
 
     def prediction(self, node: str) -> Prediction:
         try:
@@ -80,7 +87,16 @@ class Label:
 
 @dataclass
 class DeadLetter:
-    """A refused record with the reason, the node that refused it and its original bytes."""
+    """A refused record with the reason, the node that refused it and its original bytes.
+
+    ``original`` is the refused record's first :data:`DEAD_LETTER_ORIGINAL_BYTES` bytes (all
+    of it when smaller); ``original_size`` and ``original_sha256`` describe the whole record,
+    so a truncated original can still be matched with what the producer sent.
+
+    >>> letter = DeadLetter.of("d", "tx", "too large", "", "r1", original=b"x" * 100_000)
+    >>> len(letter.original), letter.original_size, letter.truncated
+    (65536, 100000, True)
+    """
 
     dag: str
     node: str
@@ -93,6 +109,46 @@ class DeadLetter:
     original: bytes
     ts: float
     index: int = -1  # the refused record's place in a pack (topics.packs); -1: not in one
+    original_size: int = -1  # bytes of the whole refused record (-1: written before 2026-12)
+    original_sha256: str = ""
+
+    @classmethod
+    def of(
+        cls,
+        dag: str,
+        node: str,
+        reason: str,
+        detail: str,
+        request_id: str,
+        *,
+        original: bytes,
+        topic: str = "",
+        partition: int = -1,
+        offset: int = -1,
+        index: int = -1,
+        ts: float = 0.0,
+    ) -> DeadLetter:
+        """A letter whose original is bounded, with the whole record's size and hash."""
+        return cls(
+            dag=dag,
+            node=node,
+            reason=reason,
+            detail=detail,
+            request_id=request_id,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            original=original[:DEAD_LETTER_ORIGINAL_BYTES],
+            ts=ts,
+            index=index,
+            original_size=len(original),
+            original_sha256=hashlib.sha256(original).hexdigest(),
+        )
+
+    @property
+    def truncated(self) -> bool:
+        """Whether :attr:`original` is only the start of the refused record."""
+        return self.original_size > len(self.original)
 
     @property
     def source(self) -> str:
@@ -236,7 +292,17 @@ def request_from_raw(
     if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
         raise BadRecord("bad timestamp", f"ts must be epoch seconds, got {ts!r}", rid)
     payload = {k: v for k, v in obj.items() if k not in ("request_id", "ts")}
-    return Event(request_id=rid, ts=float(ts), payload=payload)
+    return Event(request_id=rid, ts=float(ts), payload=payload, digest=payload_digest(payload))
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """A short hash of a payload, the same for the same JSON whatever its key order.
+
+    >>> payload_digest({"a": 1, "b": 2}) == payload_digest({"b": 2, "a": 1})
+    True
+    """
+    canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 
 def label_from_raw(value: bytes | None, key: bytes | None, now: float) -> Label:

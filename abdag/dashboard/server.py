@@ -12,6 +12,9 @@ Endpoints (all ``GET``):
 
 Errors are JSON ``{"error": message, "status": code}``: 400 for bad parameters, 404 for
 an unknown experiment or path, 503 when ClickHouse does not answer, 500 otherwise.
+Numeric parameters must be finite and in range (``margin`` >= 0, ``bucket`` a whole number
+of seconds from 1 to ``MAX_BUCKET_S``); anything else is a 400 that names the parameter
+and its range.
 
 The server binds 127.0.0.1 unless told otherwise: it serves experiment data without
 authentication. It only reads (``readonly=1`` on every query). clickhouse-connect's sync
@@ -31,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import mimetypes
 import threading
 import time
@@ -55,6 +59,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 CACHE_TTL_S = 300.0
 """A cached report is recomputed after this long even if its rows look unchanged."""
+MAX_BUCKET_S = 366 * 86_400
+"""The largest ``bucket`` (seconds) a timeline may ask for: a year, one bucket for any test."""
 
 _FINGERPRINT_SQL = """SELECT
     (SELECT tuple(count(), max(paired_ts), max(label_ts), max(stage))
@@ -304,10 +310,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ api
     def _report(self, query: dict[str, str]) -> Cached:
+        margin = _number(query, "margin", None, minimum=0)  # None: the DAG's own margin
         experiment = self.server.require_experiment(query.get("experiment"))
-        margin = _number(query, "margin", None)  # None: the margin the DAG declared
-        if margin is not None and margin < 0:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "margin must be >= 0")
         return self.server.cached(
             ("report", experiment, margin),
             experiment,
@@ -316,8 +320,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         )
 
     def _timeline(self, query: dict[str, str]) -> Cached:
+        bucket = _number(query, "bucket", None, minimum=1, maximum=MAX_BUCKET_S, whole=True)
         experiment = self.server.require_experiment(query.get("experiment"))
-        bucket = int(_number(query, "bucket", 0)) or None
         try:
             return self.server.cached(
                 ("timeline", experiment, bucket),
@@ -366,14 +370,34 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def _number(query: dict[str, str], name: str, default: float | None) -> float | None:
+def _number(
+    query: dict[str, str],
+    name: str,
+    default: float | None,
+    *,
+    minimum: float,
+    maximum: float = math.inf,
+    whole: bool = False,
+) -> float | None:
+    """Query parameter ``name`` as a finite number in [minimum, maximum] (an ``int`` when
+    ``whole``), ``default`` when absent or empty, else a 400 naming it and the range.
+
+    Every numeric parameter goes through here: ``float()`` accepts ``nan``, ``inf`` and
+    ``1e999``, which gave a 500 (``int(nan)``) or reached a report (``margin=nan``).
+    """
     raw = query.get(name)
     if raw in (None, ""):
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, got {raw!r}") from None
+        value = math.nan
+    in_range = math.isfinite(value) and minimum <= value <= maximum
+    if not in_range or (whole and not value.is_integer()):
+        kind = "a whole number" if whole else "a number"
+        bounds = f"from {minimum} to {maximum}" if math.isfinite(maximum) else f">= {minimum}"
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be {kind} {bounds}, got {raw!r}")
+    return int(value) if whole else value
 
 
 def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 8050) -> DashboardServer:
