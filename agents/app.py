@@ -137,7 +137,6 @@ class DagRuntime:
         self.output = OutputProducer(
             settings.broker, max_record_bytes=max_record_bytes, on_refused=self._too_large
         )
-        self.batch_sizes: dict[str, Counter[int]] = {}
         # experiment -> who serves ({"promoted": bool, "retired": bool}), per decisions
         self.controls: dict[str, dict[str, bool]] = {}
         self._schema_ready = False
@@ -315,11 +314,8 @@ class ModelSlot:
     """
 
     def __init__(self, node: ModelNode, settings: Settings) -> None:
-        from collections import Counter as _Counter
-
         self.node = node
         self.settings = settings
-        self.batch_sizes: _Counter[int] = _Counter()
         self.runner, self.version = self._load()
 
     def _load(self):
@@ -335,7 +331,6 @@ class ModelSlot:
             model_kwargs=src.model_kwargs,
         )
         runner = BatchRunner(model, None, self.node.output, threshold=self.node.threshold)
-        runner.batch_sizes = self.batch_sizes  # one histogram across swaps
         return runner, src.version or model.version
 
     def reload_if_newer(self) -> bool:
@@ -536,7 +531,6 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     (upstream,) = node.inputs
     out = node_topic(rt.dag.name, node.name)
     slot = ModelSlot(node, rt.settings)
-    rt.batch_sizes[node.name] = slot.batch_sizes
 
     def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
         runner, version = slot.runner, slot.version  # one model for the whole batch

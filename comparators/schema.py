@@ -1,6 +1,6 @@
 """ClickHouse tables that hold the A/B comparison, and how to read them.
 
-Three tables live in the client's current database:
+Six tables live in the client's current database:
 
 ``pairs``
     One row per request and experiment. A request is written more than once as knowledge
@@ -13,6 +13,12 @@ Three tables live in the client's current database:
     Live values from the comparison node (river metrics), for curves over time.
 ``dead_letters``
     Messages a DAG node could not process, with a reason and a count.
+``experiments``
+    What each DAG declares about its comparisons (models, task, mode, margin, group).
+``decisions``
+    Promotions and retirements, newest first per experiment (``comparators.decisions``).
+``schema_version``
+    The migrations applied.
 
 ``ensure_schema`` is idempotent: ``CREATE TABLE IF NOT EXISTS`` for every table, then
 ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for declared columns that an older table
@@ -44,9 +50,6 @@ __all__ = [
     "PAIRS_COLUMNS",
     "PAIRS_DEDUP",
     "SCHEMA_VERSION",
-    "STAGE_LABELLED",
-    "STAGE_PAIRED",
-    "STAGE_UNPAIRED",
     "TABLES",
     "Table",
     "create_table_sql",
@@ -57,10 +60,6 @@ __all__ = [
 
 SCHEMA_VERSION = 4  # 4: dead_letters.original_size, original_sha256
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
-
-STAGE_UNPAIRED = 1
-STAGE_PAIRED = 2
-STAGE_LABELLED = 3
 
 PAIRS_DEDUP = "pairs FINAL"
 """Source for every read of ``pairs``: one row per (experiment, request_id), highest stage."""

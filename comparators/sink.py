@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,17 +156,3 @@ def _is_refusal(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError):
         return False
     return isinstance(exc, DatabaseError | TypeError | ValueError)
-
-
-def wait_for_clickhouse(connect: Callable[[], Any], *, timeout: float) -> Any:
-    """Connect, retrying until ``timeout``; raise the last error with a clear message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return connect()
-        except Exception as exc:  # noqa: BLE001
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"ClickHouse did not answer within {timeout:.0f} s: {exc}"
-                ) from exc
-            time.sleep(0.5)

@@ -30,10 +30,6 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def prefix(dag: str) -> str:
-    return f"abdag.{dag}."
-
-
 def input_topic(dag: str, source: str) -> str:
     """Where users (any Kafka client) produce a source's raw events."""
     return f"abdag.{dag}.{source}.in"
