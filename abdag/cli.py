@@ -9,27 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from abdag.errors import UserError
 from abdag.settings import Settings
 from agents.config import LOG_LEVELS
 from agents.logfilters import install_log_filters
-
-Handler = Callable[[argparse.Namespace, Settings], int]
-_COMMANDS: dict[str, Handler] = {}
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed without a traceback."""
-
-
-def command(name: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        _COMMANDS[name] = fn
-        return fn
-
-    return register
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=args.data_dir,
         database=args.database,
     )
-    _load_commands()
+    from abdag.commands import COMMANDS
+
     try:
-        return _COMMANDS[args.command](args, settings)
+        return COMMANDS[args.command](args, settings)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - turn known user errors into one line
@@ -199,11 +186,5 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, known)
 
 
-def _load_commands() -> None:
-    from abdag import commands  # noqa: F401 - registers the handlers
-
-
-if __name__ == "__main__":  # `python -m abdag.cli`: run the imported module's main, so
-    from abdag.cli import main as _main  # commands register in one registry
-
-    sys.exit(_main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,30 @@
-"""The handlers behind ``abdag COMMAND``; each imports what it needs when it runs."""
+"""The handlers behind ``abdag COMMAND``; each imports what it needs when it runs.
+
+The CLI (:mod:`abdag.cli`) parses the arguments and calls ``COMMANDS[name]``; handlers
+never import the CLI back.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
-from abdag.cli import command
+from abdag.errors import UserError
 from abdag.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    """Register the handler of ``abdag NAME``."""
+
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
 
 
 @command("up")
@@ -62,7 +80,6 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
 def worker(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
-    from abdag.cli import UserError
     from agents.app import REQUIRED_RECORD_BYTES, build_app
     from agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
     from agents.producer import RecordLimitTooSmall, record_limit
@@ -97,7 +114,6 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("produce")
 def produce(args: argparse.Namespace, settings: Settings) -> int:
-    from abdag.cli import UserError
     from agents.dag import LabelSource, Source
     from agents.topology import dag_topics
     from topics import input_topic
@@ -128,7 +144,6 @@ def produce(args: argparse.Namespace, settings: Settings) -> int:
 def sql(args: argparse.Namespace, settings: Settings) -> int:
     from clickhouse_connect.driver.exceptions import DatabaseError
 
-    from abdag.cli import UserError
     from abdag.clickhouse import connect
     from abdag.tables import render
 
@@ -190,7 +205,6 @@ def demo(args: argparse.Namespace, settings: Settings) -> int:
 def report(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from abdag.cli import UserError
     from abdag.clickhouse import connect
     from comparators.report import build_report, group_members, list_experiments
 
@@ -254,7 +268,7 @@ def init(args: argparse.Namespace, settings: Settings) -> int:
     import json
     from pathlib import Path
 
-    from agents.generate import init_experiment, smoke_run
+    from abdag.init import init_experiment, smoke_run
 
     source = Path(args.example or args.schema)
     try:
@@ -295,7 +309,6 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _record_decision(args: argparse.Namespace, settings: Settings, action: str) -> int:
-    from abdag.cli import UserError
     from abdag.clickhouse import connect
     from comparators.decisions import PromotionRefused, decide_promotion, decide_retirement
 

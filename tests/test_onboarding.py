@@ -21,8 +21,7 @@ from torch import nn
 
 from abdag.clickhouse import connect
 from abdag.demo.fraud import FEATURES, generate
-from agents.errors import DagError
-from agents.generate import (
+from abdag.init import (
     InitResult,
     init_experiment,
     input_spec_from_example,
@@ -30,6 +29,7 @@ from agents.generate import (
     smoke_run,
     synthetic_events,
 )
+from agents.errors import DagError
 from agents.loader import load_dag
 from agents.topology import dag_topics
 from agents.validate import validate

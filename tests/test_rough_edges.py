@@ -388,8 +388,9 @@ def test_the_worker_command_runs_with_the_filters_installed(no_filters, monkeypa
             ]
         return 0
 
-    cli._load_commands()
-    monkeypatch.setitem(cli._COMMANDS, "worker", fake_worker)
+    from abdag import commands
+
+    monkeypatch.setitem(commands.COMMANDS, "worker", fake_worker)
     assert cli.main(["worker", "dag.py"]) == 0
     assert {name: len(fs) for name, fs in seen.items()} == {
         CLICKHOUSE_HTTP_LOGGER: 1,
