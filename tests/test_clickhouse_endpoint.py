@@ -292,16 +292,24 @@ def test_readonly_client_cannot_write_or_touch_files_or_urls(endpoint, tmp_path)
         "INSERT INTO t_ro VALUES (1)",
         "CREATE TABLE t_ro2 (a Int32) ENGINE = MergeTree ORDER BY a",
         "DROP TABLE t_ro",
-        f"SELECT * FROM file('{secret}', 'LineAsString')",
-        "SELECT * FROM url('http://127.0.0.1:9/x', 'LineAsString')",
-        f"SELECT file('{secret}')",
         "SET readonly = 0",
-        f"SELECT * FROM file('{secret}', 'LineAsString') SETTINGS readonly = 0",
+        "INSERT INTO t_ro SELECT 1 SETTINGS readonly = 0",
     ]
     for sql in refused:
         with pytest.raises(DatabaseError) as exc:
             ro.command(sql)
         assert exc.value.code == 164, sql
+    # Files and URLs are refused for every client, readonly or not (test_clickhouse_safety.py).
+    for sql in (
+        f"SELECT * FROM file('{secret}', 'LineAsString')",
+        "SELECT * FROM url('http://127.0.0.1:9/x', 'LineAsString')",
+        f"SELECT file('{secret}')",
+        f"SELECT * FROM file('{secret}', 'LineAsString') SETTINGS readonly = 0",
+    ):
+        for c in (ro, admin):
+            with pytest.raises(DatabaseError) as exc:
+                c.command(sql)
+            assert exc.value.code == 497 and "top secret" not in str(exc.value), sql
     with pytest.raises(DatabaseError) as exc:
         ro.insert("t_ro", [[1]], column_names=["a"])
     assert exc.value.code == 164

@@ -121,3 +121,48 @@ def test_confluent_kafka_round_trip_through_the_broker(stack):
     finally:
         consumer.close()
     assert got == sent
+
+
+def test_credentials_set_for_up_are_required_by_the_endpoint_and_work_for_abdag_sql(tmp_path):
+    import base64
+    import urllib.request
+
+    settings = make_settings(tmp_path / "data")
+    secret = f"pw-{uuid.uuid4().hex}"
+    creds = {"ABDAG_CLICKHOUSE_USER": "alice", "ABDAG_CLICKHOUSE_PASSWORD": secret}
+
+    def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("ABDAG_CLICKHOUSE_")}
+        base.update(
+            ABDAG_BROKER=settings.broker,
+            ABDAG_CLICKHOUSE_URL=settings.clickhouse_url,
+            ABDAG_DATA_DIR=str(settings.data_dir),
+            **env,
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "abdag.cli", *args],
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    up = run("up", env=creds)
+    assert up.returncode == 0, up.stderr
+    try:
+        ok = run("sql", "SELECT 40 + 2 AS answer", "--format", "csv", env=creds)
+        assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1] == "42", ok.stderr
+        refused = run("sql", "SELECT 1", env={})
+        assert refused.returncode == 2 and "refused user 'default'" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and secret not in refused.stderr
+        request = urllib.request.Request(  # curl -u alice:... does the same
+            settings.clickhouse_url + "/", data=b"SELECT 7", method="POST"
+        )
+        token = base64.b64encode(f"alice:{secret}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.read().strip() == b"7"
+        log = (settings.run_dir() / "clickhouse.log").read_text(errors="replace")
+        assert secret not in log
+    finally:
+        run("down", env=creds)

@@ -6,6 +6,7 @@ request, a ClickHouse ``/ping``); ``abdag down`` stops only what ``up`` started.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -70,12 +71,25 @@ class LocalStack:
             "--port",
             str(ch_port),
         ]
-        self._start(self.clickhouse, argv, ch_host, ch_port)
+        # The endpoint reads the credentials from its environment (never its argv): exactly
+        # the settings' own, whatever the calling shell exports.
+        credentials = {
+            "ABDAG_CLICKHOUSE_USER": self.settings.clickhouse_user,
+            "ABDAG_CLICKHOUSE_PASSWORD": self.settings.clickhouse_password,
+        }
+        self._start(self.clickhouse, argv, ch_host, ch_port, env={**os.environ, **credentials})
         self._wait("broker", self.broker, lambda: broker_answers(self.settings.broker))
         self._wait("clickhouse", self.clickhouse, lambda: ping(self.settings.clickhouse_url))
         return self.status()
 
-    def _start(self, proc: ManagedProcess, argv: list[str], host: str, port: int) -> None:
+    def _start(
+        self,
+        proc: ManagedProcess,
+        argv: list[str],
+        host: str,
+        port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if proc.pid() is not None:
             return
         if proc.is_stale():
@@ -85,7 +99,7 @@ class LocalStack:
                 f"{proc.name}: port {port} on {host} is taken by another process; stop it or "
                 f"choose another port (ABDAG_BROKER / ABDAG_CLICKHOUSE_URL)"
             )
-        proc.start(argv)
+        proc.start(argv, env)
 
     def _wait(self, name: str, proc: ManagedProcess, check) -> None:
         def ready() -> bool:
