@@ -48,10 +48,14 @@ def down(args: argparse.Namespace, settings: Settings) -> int:
 @command("status")
 def status(args: argparse.Namespace, settings: Settings) -> int:
     from abdag.stack import LocalStack
+    from abdag.stack.broker import broker_report
 
     rows = LocalStack(settings).status()
     for s in rows:
         print(s.line())
+    if rows and rows[0].answers:  # the broker: its start, durability, the workers on it
+        for line in broker_report(settings.broker, settings.run_dir()):
+            print(line)
     return 0 if all(s.answers for s in rows) else 1
 
 

@@ -98,6 +98,7 @@ EXPERIMENT_COLUMNS = [
     "mode",
     "split",
     "margin",
+    "metrics",
 ]
 DEAD_LETTER_COLUMNS = [
     "dag",
@@ -135,17 +136,27 @@ class DagRuntime:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="abdag")
         self.dead_topic = self.topic(dead_letter_topic(dag.name))
         self.output = OutputProducer(
-            settings.broker, max_record_bytes=max_record_bytes, on_refused=self._too_large
+            settings.broker,
+            max_record_bytes=max_record_bytes,
+            on_refused=self._too_large,
+            # librdkafka logs through Python (not straight to stderr), so the broker watch
+            # can hold back its repeats while a broker is away
+            config={"logger": logging.getLogger("abdag.rdkafka")},
         )
         # experiment -> who serves ({"promoted": bool, "retired": bool}), per decisions
         self.controls: dict[str, dict[str, bool]] = {}
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        # -- broker restarts (agents/broker_watch.py): no offsets of a lost broker committed
+        from agents.broker_watch import register as watch_broker
+
+        self.broker_watch = watch_broker(self.app, settings, dag)
+        # --
         use_resume_at_committed_consumer(
             self.app,
             fetch_wait=fetch_wait(settings),
             end_offsets_from_fetch=broker_kind(settings) == "tansu",
-            before_commit=self.output.delivered,
+            before_commit=self.broker_watch.guard(self.output.delivered),
         )
         self.app.service(_Stopper(self))
 
@@ -691,6 +702,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
     last_snapshot: dict[int, float] = {}
     ticked: dict[str, float] = {}
     classes: list[int | None] = [None]  # multiclass: the models' number of classes, once seen
+    thresholds = tuple(getattr(rt.dag.nodes[m], "threshold", 0.5) for m in (node.a, node.b))
 
     def snapshot(partition: int, now: float) -> tuple[bytes, bytes, None]:
         """The partition's metric rows, as one record for the snapshots topic."""
@@ -736,7 +748,12 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         if emitted.newly_paired or emitted.newly_labelled:
             m = metrics.get(partition)
             if m is None:
-                m = metrics[partition] = PairMetrics(task=node.task, metrics=node.metrics)
+                m = metrics[partition] = PairMetrics(
+                    task=node.task,
+                    metrics=node.metrics,
+                    threshold_a=thresholds[0],
+                    threshold_b=thresholds[1],
+                )
             a, b = emitted.a or {}, emitted.b or {}
             m.update(
                 a.get("score"),
@@ -821,6 +838,7 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             node.mode,
             node.split,
             node.margin,
+            ",".join(node.metrics or ()),  # what the report shows ('' = the task's defaults)
         ]
         await rt.in_thread(experiments_sink.write, [row])
 

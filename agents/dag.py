@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.errors import DagError
+from comparators.tasks import TASKS  # noqa: F401 - declared once there, read here too
 from topics import Event, check_name
 
-TASKS = ("binary", "multiclass", "regression")
 OUTPUTS = ("sigmoid", "probability", "softmax", "value", "raw")
 
 

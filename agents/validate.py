@@ -75,6 +75,13 @@ def _check_node(dag: Dag, node: Node) -> None:
             raise _fail(dag, node, f"labels {node.labels!r} is not a label source (dag.labels)")
         if node.task not in TASKS:
             raise _fail(dag, node, f"task must be one of {TASKS}, got {node.task!r}")
+        if node.metrics is not None:
+            from comparators.metric_specs import specs_for
+
+            try:
+                specs_for(node.task, node.metrics)
+            except ValueError as exc:
+                raise _fail(dag, node, str(exc)) from None
         if not (node.join_timeout > 0 and node.label_timeout > 0):
             raise _fail(dag, node, "join_timeout and label_timeout must be > 0 seconds")
         if node.mode not in ("shadow", "split"):

@@ -6,13 +6,17 @@ It is updated once per paired request and gives live values for dashboards
 (:meth:`PairMetrics.sufficient_stats`) so that partitions spread over several workers add up
 to the exact single-worker answer (:func:`merge_sufficient`, :func:`metrics_from_sufficient`).
 
-What is river and what is not, and why:
+Each metric is defined once, in :mod:`comparators.metric_specs` (its live face reads the
+statistics below); this module keeps those statistics, once per pair. What is river and
+what is not, and why:
 
 * Confusion-matrix metrics (accuracy, precision, recall, F1, macro/micro F1) are river metrics
   sharing **one** ``river.metrics.ConfusionMatrix`` per model. Only the matrix is updated,
   once per event: updating each metric that shares a matrix would count the event once per
   metric. The matrix counts are the sufficient statistic, so merged values are exact.
-* Log loss, MAE, RMSE and R2 are river metrics; their sums are kept alongside for merging.
+* Log loss, MAE, RMSE and R2 are read from sums kept per pair (loss, absolute and squared
+  error, Welford moments of the labels): mergeable and exact, the same values as river's
+  metrics without updating those too.
 * ROC AUC and PR AUC come from a fixed-bin score histogram per label (:class:`ScoreHistogram`),
   not from ``river.metrics.ROCAUC``: river's is an approximation over ``n_thresholds``
   (its own doc example gives 0.875 for a true 0.75) and cannot be merged. The histogram is
@@ -23,6 +27,10 @@ What is river and what is not, and why:
   river's ROCAUC as an opt-in (costly, about 35 us per update at 100 thresholds).
 * Latency quantiles come from a log-bucket sketch (:class:`LogHistogram`, 1 % relative
   accuracy) rather than ``river.stats.Quantile``, whose P2 state cannot be merged.
+
+A binary pair without a predicted class gets one from its score and ``threshold_a`` /
+``threshold_b`` (default ``DEFAULT_THRESHOLD``, 0.5); abdag's model nodes always send the
+class they derived with their own ``ModelNode.threshold``.
 
 Loss per request (the quantity the sequential test uses): binary log loss (probabilities
 clipped to [1e-15, 1 - 1e-15], as river), multiclass 0/1 loss, regression squared error.
@@ -61,6 +69,19 @@ from typing import Any
 import numpy as np
 from river import metrics as rm
 
+from comparators.metric_specs import (
+    AVAILABLE_METRICS,
+    DEFAULT_METRICS,
+    EPS,
+    LiveStats,
+    MetricSpec,
+    hist_auc_bound,
+    hist_average_precision,
+    hist_roc_auc,
+    specs_for,
+)
+from comparators.tasks import DEFAULT_THRESHOLD, TASKS
+
 __all__ = [
     "AVAILABLE_METRICS",
     "DEFAULT_METRICS",
@@ -74,28 +95,6 @@ __all__ = [
     "request_loss",
 ]
 
-TASKS = ("binary", "multiclass", "regression")
-EPS = 1e-15
-"""Probability clip for log loss (river's value)."""
-
-DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "log_loss"),
-    "multiclass": ("accuracy", "macro_f1", "micro_f1"),
-    "regression": ("mae", "rmse", "r2"),
-}
-AVAILABLE_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": (*DEFAULT_METRICS["binary"], "roc_auc_river"),
-    "multiclass": DEFAULT_METRICS["multiclass"],
-    "regression": DEFAULT_METRICS["regression"],
-}
-_CM_METRICS = {
-    "accuracy": rm.Accuracy,
-    "precision": rm.Precision,
-    "recall": rm.Recall,
-    "f1": rm.F1,
-    "macro_f1": rm.MacroF1,
-    "micro_f1": rm.MicroF1,
-}
 _NAN = float("nan")
 
 
@@ -145,13 +144,13 @@ class ScoreHistogram:
             self.neg[self.bin(score)] += 1
 
     def roc_auc(self) -> float:
-        return _hist_roc_auc(self.pos, self.neg)
+        return hist_roc_auc(self.pos, self.neg)
 
     def roc_auc_err_bound(self) -> float:
-        return _hist_auc_bound(self.pos, self.neg)
+        return hist_auc_bound(self.pos, self.neg)
 
     def pr_auc(self) -> float:
-        return _hist_average_precision(self.pos, self.neg)
+        return hist_average_precision(self.pos, self.neg)
 
     def to_sparse(self) -> dict[str, list[list[int]]]:
         return {
@@ -165,32 +164,6 @@ def _dense(sparse: Iterable[Sequence[int]], n: int) -> np.ndarray:
     for i, c in sparse:
         out[int(i)] += int(c)
     return out
-
-
-def _hist_roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    p, n = pos.sum(), neg.sum()
-    if p == 0 or n == 0:
-        return _NAN
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
-
-
-def _hist_auc_bound(pos: np.ndarray, neg: np.ndarray) -> float:
-    p, n = pos.sum(), neg.sum()
-    if p == 0 or n == 0:
-        return _NAN
-    return float((pos * neg).sum() / (2.0 * p * n))
-
-
-def _hist_average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
-    p = pos.sum()
-    if p == 0:
-        return _NAN
-    tp = np.cumsum(pos[::-1])
-    fp = np.cumsum(neg[::-1])
-    seen = (tp + fp) > 0
-    prec = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=seen)
-    return float((pos[::-1] * prec).sum() / p)
 
 
 class LogHistogram:
@@ -240,6 +213,13 @@ def _log_quantile(buckets: dict[int, int], zero: int, n: int, gamma: float, q: f
     return 2.0 * gamma ** max(buckets) / (gamma + 1.0)
 
 
+def _metric_values(specs: Iterable[MetricSpec], st: LiveStats) -> dict[str, float]:
+    vals: dict[str, float] = {"n": float(st.n)}
+    for spec in specs:
+        vals.update(spec.live_values(st))
+    return vals
+
+
 class PairMetrics:
     """Live metrics of model A and model B on the same requests, for one partition.
 
@@ -255,6 +235,9 @@ class PairMetrics:
         Histogram bins for ROC/PR AUC (binary).
     roc_thresholds
         ``n_thresholds`` for the opt-in ``"roc_auc_river"``.
+    threshold_a, threshold_b
+        Binary: class 1 when ``score >= threshold``, for a pair that carries a score and no
+        class (model nodes send the class they derived with their own threshold).
     """
 
     def __init__(
@@ -265,16 +248,15 @@ class PairMetrics:
         auc_bins: int = 1000,
         roc_thresholds: int = 100,
         latency_rel_acc: float = 0.01,
+        threshold_a: float = DEFAULT_THRESHOLD,
+        threshold_b: float = DEFAULT_THRESHOLD,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        names = tuple(metrics) if metrics is not None else DEFAULT_METRICS[task]
-        unknown = set(names) - set(AVAILABLE_METRICS[task])
-        if unknown:
-            raise ValueError(f"unknown {task} metrics {sorted(unknown)}")
+        specs = specs_for(task, metrics)
         self.task = task
-        self.metrics = names
+        self.metrics = tuple(s.name for s in specs)
+        self._specs = specs
         self.auc_bins = auc_bins
+        self.threshold_a, self.threshold_b = threshold_a, threshold_b
         self.n_pairs = 0
         self.n_agree = 0
         self.n_score_pairs = 0
@@ -283,25 +265,19 @@ class PairMetrics:
         self.b01 = 0  # A wrong, B right
         self.b10 = 0  # A right, B wrong
         self.y_n, self.y_mean, self.y_m2 = 0, 0.0, 0.0  # Welford on labels (R2)
+        keep_hist = any(s.live_state == "hist" for s in specs)
         self._side: dict[str, dict[str, Any]] = {}
         for m in ("a", "b"):
-            cm = rm.ConfusionMatrix()
-            river_metrics: dict[str, Any] = {
-                k: _CM_METRICS[k](cm=cm) for k in names if k in _CM_METRICS
+            river_metrics = {
+                s.name: s.new_river(roc_thresholds=roc_thresholds)
+                for s in specs
+                if s.live_state == "river"
             }
-            if "log_loss" in names:
-                river_metrics["log_loss"] = rm.LogLoss()
-            if "roc_auc_river" in names:
-                river_metrics["roc_auc_river"] = rm.ROCAUC(n_thresholds=roc_thresholds)
-            for k, cls in (("mae", rm.MAE), ("rmse", rm.RMSE), ("r2", rm.R2)):
-                if k in names:
-                    river_metrics[k] = cls()
             self._side[m] = {
-                "cm": cm,
+                "cm": rm.ConfusionMatrix(),  # once per pair: every class metric reads it
                 "river": river_metrics,
-                # metrics updated one by one (not through the shared confusion matrix)
-                "direct": [v for k, v in river_metrics.items() if k not in _CM_METRICS],
-                "hist": ScoreHistogram(auc_bins) if {"roc_auc", "pr_auc"} & set(names) else None,
+                "direct": list(river_metrics.values()),  # updated one by one, per pair
+                "hist": ScoreHistogram(auc_bins) if keep_hist else None,
                 "latency": LogHistogram(latency_rel_acc),
                 "loss_sum": 0.0,
                 "abs_err_sum": 0.0,
@@ -326,11 +302,11 @@ class PairMetrics:
         ``count_pair=False``, so the label-free statistics see each request once.
         """
         task = self.task
-        if task == "binary":  # a missing class falls back on the 0.5 threshold
+        if task == "binary":  # a missing class: from the score and the model's threshold
             if pred_a is None and score_a is not None:
-                pred_a = int(score_a >= 0.5)
+                pred_a = int(score_a >= self.threshold_a)
             if pred_b is None and score_b is not None:
-                pred_b = int(score_b >= 0.5)
+                pred_b = int(score_b >= self.threshold_b)
         sa, sb = self._side["a"], self._side["b"]
         if count_pair:
             self.n_pairs += 1
@@ -372,7 +348,8 @@ class PairMetrics:
             for side, s, p in ((sa, score_a, pred_a), (sb, score_b, pred_b)):
                 side["cm"].update(y, int(p))  # once: every cm metric reads this matrix
                 if task == "binary":
-                    side["loss_sum"] += request_loss("binary", s, p, y)
+                    q = EPS if s < EPS else (1.0 - EPS if s > 1.0 - EPS else s)
+                    side["loss_sum"] -= math.log(q) if y == 1 else math.log(1.0 - q)
                     for m in side["direct"]:
                         m.update(y == 1, s)
                     if side["hist"] is not None:
@@ -383,27 +360,23 @@ class PairMetrics:
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """Current values: ``{"a": {...}, "b": {...}, "pair": {...}}`` (river values)."""
+        """Current values: ``{"a": {...}, "b": {...}, "pair": {...}}``, each metric's live
+        value (:meth:`comparators.metric_specs.MetricSpec.live`)."""
         out: dict[str, dict[str, float]] = {}
-        n = self.n_labelled
         for m, side in self._side.items():
-            vals: dict[str, float] = {"n": float(n)}
-            for k in self.metrics:
-                if k in ("roc_auc", "pr_auc"):
-                    continue
-                vals[k] = float(side["river"][k].get()) if n else _NAN
             hist = side["hist"]
-            if hist is not None:
-                if "roc_auc" in self.metrics:
-                    vals["roc_auc"] = hist.roc_auc()
-                    vals["roc_auc_err_bound"] = hist.roc_auc_err_bound()
-                if "pr_auc" in self.metrics:
-                    vals["pr_auc"] = hist.pr_auc()
-            vals["mean_loss"] = side["loss_sum"] / n if n else _NAN
-            lat = side["latency"]
-            vals["latency_p50_ms"] = lat.quantile(0.5)
-            vals["latency_p95_ms"] = lat.quantile(0.95)
-            out[m] = vals
+            st = LiveStats(
+                n=self.n_labelled,
+                cm=side["cm"],
+                loss_sum=side["loss_sum"],
+                abs_err_sum=side["abs_err_sum"],
+                sq_err_sum=side["sq_err_sum"],
+                y_m2=self.y_m2,
+                pos=hist.pos if hist is not None else None,
+                neg=hist.neg if hist is not None else None,
+                river=side["river"],
+            )
+            out[m] = _side_values(self._specs, st, side["latency"])
         out["pair"] = self._pair_stats()
         return out
 
@@ -456,6 +429,15 @@ class PairMetrics:
             "y": {"n": self.y_n, "mean": self.y_mean, "m2": self.y_m2},
             **sides,
         }
+
+
+def _side_values(specs: Iterable[MetricSpec], st: LiveStats, lat: Any) -> dict[str, float]:
+    """One model's snapshot: its metrics, mean loss and latency quantiles."""
+    vals = _metric_values(specs, st)
+    vals["mean_loss"] = st.loss_sum / st.n if st.n else _NAN
+    vals["latency_p50_ms"] = lat.quantile(0.5)
+    vals["latency_p95_ms"] = lat.quantile(0.95)
+    return vals
 
 
 def _pair_stats(
@@ -554,52 +536,51 @@ def _sparse_add(parts: Iterable[Iterable[Sequence[int]]]) -> list[list[int]]:
     return [[k, c] for k, c in sorted(acc.items())]
 
 
+class _Latency:
+    """A merged latency sketch, read like a :class:`LogHistogram`."""
+
+    def __init__(self, lat: dict[str, Any]) -> None:
+        self.gamma = (1 + lat["rel_acc"]) / (1 - lat["rel_acc"])
+        self.buckets = {int(k): int(c) for k, c in lat["buckets"]}
+        self.zero, self.n = lat["zero"], lat["n"]
+
+    def quantile(self, q: float) -> float:
+        return _log_quantile(self.buckets, self.zero, self.n, self.gamma, q)
+
+
 def metrics_from_sufficient(
     stats: dict[str, Any], task: str | None = None
 ) -> dict[str, dict[str, float]]:
     """Metric values (same shape as :meth:`PairMetrics.snapshot`) from sufficient statistics.
 
-    Count-based metrics are recomputed with the same river classes on a rebuilt confusion
-    matrix, so they equal the single-worker values exactly. ``roc_auc_river`` is left out
+    The same live definitions read a rebuilt confusion matrix and the summed statistics,
+    so values equal the single-worker ones exactly. ``roc_auc_river`` is left out
     (river's ROCAUC state cannot be merged).
     """
     task = task or stats["task"]
-    names = [k for k in stats["metrics"] if k != "roc_auc_river"]
+    specs = [s for s in specs_for(task, stats["metrics"]) if s.live_state != "river"]
     n = stats["n_labelled"]
     out: dict[str, dict[str, float]] = {}
     for m in ("a", "b"):
         sd = stats[m]
-        vals: dict[str, float] = {"n": float(n)}
         cm = rm.ConfusionMatrix()
         for y, p, c in sd["cm"]:
             cm.update(y, p, w=float(c))
-        for k in names:
-            if k in _CM_METRICS:
-                vals[k] = float(_CM_METRICS[k](cm=cm).get()) if n else _NAN
-            elif k == "log_loss":
-                vals[k] = sd["loss_sum"] / n if n else _NAN
-            elif k == "mae":
-                vals[k] = sd["abs_err_sum"] / n if n else _NAN
-            elif k == "rmse":
-                vals[k] = math.sqrt(sd["sq_err_sum"] / n) if n else _NAN
-            elif k == "r2":
-                m2 = stats["y"]["m2"]
-                vals[k] = 1.0 - sd["sq_err_sum"] / m2 if n > 1 and m2 > 0 else _NAN
+        pos = neg = None
         if sd["hist"] is not None:
             bins = stats["auc_bins"]
             pos, neg = _dense(sd["hist"]["pos"], bins), _dense(sd["hist"]["neg"], bins)
-            if "roc_auc" in names:
-                vals["roc_auc"] = _hist_roc_auc(pos, neg)
-                vals["roc_auc_err_bound"] = _hist_auc_bound(pos, neg)
-            if "pr_auc" in names:
-                vals["pr_auc"] = _hist_average_precision(pos, neg)
-        vals["mean_loss"] = sd["loss_sum"] / n if n else _NAN
-        lat = sd["latency"]
-        gamma = (1 + lat["rel_acc"]) / (1 - lat["rel_acc"])
-        buckets = {int(k): int(c) for k, c in lat["buckets"]}
-        vals["latency_p50_ms"] = _log_quantile(buckets, lat["zero"], lat["n"], gamma, 0.5)
-        vals["latency_p95_ms"] = _log_quantile(buckets, lat["zero"], lat["n"], gamma, 0.95)
-        out[m] = vals
+        st = LiveStats(
+            n=n,
+            cm=cm,
+            loss_sum=sd["loss_sum"],
+            abs_err_sum=sd["abs_err_sum"],
+            sq_err_sum=sd["sq_err_sum"],
+            y_m2=stats["y"]["m2"],
+            pos=pos,
+            neg=neg,
+        )
+        out[m] = _side_values(specs, st, _Latency(sd["latency"]))
     out["pair"] = _pair_stats(
         task,
         stats["n_pairs"],

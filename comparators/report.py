@@ -2,13 +2,15 @@
 
 Every number users see comes from the deduplicated ``pairs`` table (``pairs FINAL``: one
 row per request, the highest stage wins), so re-delivered rows and stage upgrades never
-count twice. Count-based metrics and AUCs are computed in SQL (exactly: ClickHouse's
-``arrayROCAUC`` equals scikit-learn's ``roc_auc_score`` and ``arrayAUCPR`` its
-``average_precision_score``, ties included); the SQL is kept in module constants with
-``{experiment:String}`` server-side parameters so that a CLI can print the SQL behind a
-number. Per-request rows are then pulled once (numpy) for what SQL cannot do well: the
-always-valid sequential test on per-request loss differences and paired bootstrap
-intervals.
+count twice. Each metric's value is its SQL (``MetricSpec.sql`` in
+:mod:`comparators.metric_specs`, exact: ClickHouse's ``arrayROCAUC`` equals scikit-learn's
+``roc_auc_score`` and ``arrayAUCPR`` its ``average_precision_score``, ties included), over
+the row columns of ``ROW_COLUMNS``; the SQL is built with ``{experiment:String}``
+server-side parameters so that a CLI can print the SQL behind a number. Per-request rows
+are then pulled once (numpy) for what SQL cannot do well: the always-valid sequential test
+on per-request loss differences and paired bootstrap intervals of each metric's offline
+value. The metrics shown are those the DAG declared (``dag.compare(metrics=...)``, kept in
+the ``experiments`` table), else the task's ``DEFAULT_METRICS``.
 
 >>> sorted(METRICS_SQL)
 ['binary', 'multiclass', 'regression']
@@ -25,10 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from comparators.metric_specs import (
+    DEFAULT_METRICS,
+    METRICS,
+    cumulative_curves,
+)
 from comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
 from comparators.statistics import (
-    HIGHER_IS_BETTER,
-    METRIC_FUNCTIONS,
     McNemarResult,
     SequentialResult,
     mcnemar_from_counts,
@@ -36,6 +41,7 @@ from comparators.statistics import (
     per_request_loss,
     sequential_test,
 )
+from comparators.tasks import DEFAULT_THRESHOLD, TASKS
 from comparators.verdict import Verdict, decide
 
 __all__ = [
@@ -44,20 +50,24 @@ __all__ = [
     "LOSS_NAMES",
     "METRICS_SQL",
     "OVERVIEW_SQL",
+    "PRED_SQL",
     "REPORT_METRICS",
     "ROWS_SQL",
-    "TIMELINE_SQL",
+    "ROW_COLUMNS",
+    "TIMELINE_COUNTS_SQL",
     "Report",
     "build_report",
+    "declared_metrics",
     "list_experiments",
+    "metrics_sql",
+    "rows_sql",
     "timeline",
 ]
 
 REPORT_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "log_loss"),
-    "multiclass": ("accuracy", "macro_f1", "micro_f1"),
-    "regression": ("mae", "rmse", "r2"),
+    t: tuple(k for k in DEFAULT_METRICS[t] if not METRICS[k].live_only) for t in TASKS
 }
+"""What a report shows when the DAG declared no metrics: the task's defaults."""
 LOSS_NAMES = {"binary": "log loss", "multiclass": "0/1 loss", "regression": "squared error"}
 
 _EXP = "experiment = {experiment:String}"
@@ -99,171 +109,91 @@ ORDER BY reason"""
 LIST_EXPERIMENTS_SQL = "SELECT DISTINCT experiment FROM pairs ORDER BY experiment"
 # DISTINCT is unaffected by duplicate rows, so this one read of pairs needs no FINAL.
 
-_BINARY_SIDE = """    countIf(p{m} = 1 AND y = 1) AS tp_{m},
-    countIf(p{m} = 1 AND y = 0) AS fp_{m},
-    countIf(p{m} = 0 AND y = 1) AS fn_{m},
-    countIf(p{m} = 0 AND y = 0) AS tn_{m},
-    (tp_{m} + tn_{m}) / n AS accuracy_{m},
-    if(tp_{m} + fp_{m} = 0, 0, tp_{m} / (tp_{m} + fp_{m})) AS precision_{m},
-    if(tp_{m} + fn_{m} = 0, 0, tp_{m} / (tp_{m} + fn_{m})) AS recall_{m},
-    if(tp_{m} + fp_{m} + fn_{m} = 0, 0, 2 * tp_{m} / (2 * tp_{m} + fp_{m} + fn_{m})) AS f1_{m},
-    avg(-if(y = 1, log(c{m}), log(1 - c{m}))) AS log_loss_{m},
-    arrayROCAUC(groupArray(s{m}), groupArray(y)) AS roc_auc_{m},
-    arrayAUCPR(groupArray(s{m}), groupArray(y)) AS pr_auc_{m}"""
-
-METRICS_SQL: dict[str, str] = {
-    "binary": f"""WITH labelled AS (
-    SELECT
-        toUInt8(assumeNotNull(label)) AS y,
-        assumeNotNull(score_a) AS sa,
-        assumeNotNull(score_b) AS sb,
-        ifNull(pred_a, toInt32(sa >= 0.5)) AS pa,
-        ifNull(pred_b, toInt32(sb >= 0.5)) AS pb,
-        least(greatest(sa, 1e-15), 1 - 1e-15) AS ca,
-        least(greatest(sb, 1e-15), 1 - 1e-15) AS cb
-    FROM {PAIRS_DEDUP}
-    WHERE {_labelled_where("binary")}
-)
-SELECT
-    count() AS n,
-    countIf(pa != y AND pb = y) AS b01,
-    countIf(pa = y AND pb != y) AS b10,
-{_BINARY_SIDE.format(m="a")},
-{_BINARY_SIDE.format(m="b")}
-FROM labelled""",
-    # Per class: predicted count, actual count, true positives. Each row adds its predicted
-    # class (a prediction, and a true positive when right) and its true class (an actual).
-    "multiclass": f"""WITH labelled AS (
-    SELECT
-        toInt64(assumeNotNull(label)) AS y,
-        toInt64(assumeNotNull(pred_a)) AS pa,
-        toInt64(assumeNotNull(pred_b)) AS pb
-    FROM {PAIRS_DEDUP}
-    WHERE {_labelled_where("multiclass")}
-),
-per_class AS (
-    SELECT model, t.1 AS cls, sum(t.2) AS predicted, sum(t.3) AS actual, sum(t.4) AS tp
-    FROM (
-        SELECT 'a' AS model, arrayJoin([(pa, 1, 0, pa = y), (y, 0, 1, 0)]) AS t FROM labelled
-        UNION ALL
-        SELECT 'b' AS model, arrayJoin([(pb, 1, 0, pb = y), (y, 0, 1, 0)]) AS t FROM labelled
-    )
-    GROUP BY model, cls
-)
-SELECT
-    model,
-    sum(actual) AS n,
-    sum(tp) / sum(actual) AS accuracy,
-    avg(2 * tp / (predicted + actual)) AS macro_f1,
-    2 * sum(tp) / (sum(predicted) + sum(actual)) AS micro_f1,
-    (SELECT countIf(pa != y AND pb = y) FROM labelled) AS b01,
-    (SELECT countIf(pa = y AND pb != y) FROM labelled) AS b10
-FROM per_class
-GROUP BY model
-ORDER BY model""",
-    "regression": f"""WITH labelled AS (
-    SELECT
-        assumeNotNull(label) AS y,
-        assumeNotNull(score_a) AS sa,
-        assumeNotNull(score_b) AS sb
-    FROM {PAIRS_DEDUP}
-    WHERE {_labelled_where("regression")}
-)
-SELECT
-    count() AS n,
-    avg(abs(sa - y)) AS mae_a,
-    avg(abs(sb - y)) AS mae_b,
-    sqrt(avg((sa - y) * (sa - y))) AS rmse_a,
-    sqrt(avg((sb - y) * (sb - y))) AS rmse_b,
-    1 - sum((sa - y) * (sa - y)) / (varPopStable(y) * n) AS r2_a,
-    1 - sum((sb - y) * (sb - y)) / (varPopStable(y) * n) AS r2_b
-FROM labelled""",
+PRED_SQL: dict[str, str] = {
+    # a binary row without a class (not one abdag wrote: model nodes send the class made
+    # with their own threshold) falls back on DEFAULT_THRESHOLD
+    "binary": f"ifNull(pred_{{m}}, toInt32(score_{{m}} >= {DEFAULT_THRESHOLD}))",
+    "multiclass": "pred_{m}",
+    "regression": "pred_{m}",
 }
+"""The predicted class of model ``{m}`` per row (NULL when it has none), in every query."""
 
-_ROW_COLUMNS = """    assumeNotNull(label) AS y,
-    ifNull(score_a, nan) AS sa,
-    ifNull(score_b, nan) AS sb,
-    {pa} AS pa,
-    {pb} AS pb"""
-
-ROWS_SQL: dict[str, str] = {
-    task: f"""SELECT
-{
-        _ROW_COLUMNS.format(
-            pa="ifNull(pred_a, toInt32(score_a >= 0.5))"
-            if task == "binary"
-            else "ifNull(pred_a, -1)",
-            pb="ifNull(pred_b, toInt32(score_b >= 0.5))"
-            if task == "binary"
-            else "ifNull(pred_b, -1)",
-        )
+ROW_COLUMNS: dict[str, dict[str, str]] = {
+    task: {
+        "y": {
+            "binary": "toUInt8(assumeNotNull(label))",
+            "multiclass": "toInt64(assumeNotNull(label))",
+            "regression": "assumeNotNull(label)",
+        }[task],
+        **{f"s{m}": f"ifNull(score_{m}, nan)" for m in ("a", "b")},
+        **{f"p{m}": f"ifNull({PRED_SQL[task].format(m=m)}, -1)" for m in ("a", "b")},
     }
+    for task in TASKS
+}
+"""The columns every metric reads, per labelled and scorable row: label ``y``, scores
+``sa``/``sb``, classes ``pa``/``pb``. One definition for the metric SQL, the rows the
+bootstrap and the sequential test resample, and the dashboard's rows."""
+
+
+def _row_select(task: str, indent: str = "    ") -> str:
+    return ",\n".join(f"{indent}{expr} AS {col}" for col, expr in ROW_COLUMNS[task].items())
+
+
+def metrics_sql(task: str, names: tuple[str, ...] | list[str] | None = None) -> str:
+    """One query for every metric of ``names`` (the report's defaults when None), A and B:
+    columns ``n``, ``b01`` / ``b10`` (classification) and ``<metric>_a`` / ``<metric>_b``."""
+    names = REPORT_METRICS[task] if names is None else tuple(names)
+    cols = ["count() AS n"]
+    if task != "regression":
+        cols += ["countIf(pa != y AND pb = y) AS b01", "countIf(pa = y AND pb != y) AS b10"]
+    for name in names:
+        sql = METRICS[name].sql
+        if sql is None:
+            raise ValueError(f"{name} has no SQL value (live only)")
+        cols += [f"{sql.format(m=m)} AS {name}_{m}" for m in ("a", "b")]
+    select = ",\n    ".join(cols)
+    return f"""WITH labelled AS (
+    SELECT
+{_row_select(task, "        ")}
+    FROM {PAIRS_DEDUP}
+    WHERE {_labelled_where(task)}
+)
+SELECT
+    {select}
+FROM labelled"""
+
+
+METRICS_SQL: dict[str, str] = {t: metrics_sql(t) for t in TASKS}
+"""The report's metric query of each task, with its default metrics."""
+
+
+def rows_sql(task: str, *extra: str) -> str:
+    """Labelled rows (``ROW_COLUMNS`` and ``extra`` columns) in the order labels arrived."""
+    cols = _row_select(task) + "".join(f",\n    {e}" for e in extra)
+    return f"""SELECT
+{cols}
 FROM {PAIRS_DEDUP}
 WHERE {_labelled_where(task)}
 ORDER BY coalesce(label_ts, paired_ts), request_id"""
-    for task in ("binary", "multiclass", "regression")
-}
+
+
+ROWS_SQL: dict[str, str] = {t: rows_sql(t) for t in TASKS}
 """Labelled rows in the order labels arrived: the order the sequential test watched them."""
 
-_LOSS_SQL = {
-    "binary": (
-        "-if(label = 1, log(least(greatest(score_{m}, 1e-15), 1 - 1e-15)), "
-        "log(1 - least(greatest(score_{m}, 1e-15), 1 - 1e-15)))"
-    ),
-    "multiclass": "toFloat64(pred_{m} != label)",
-    "regression": "(score_{m} - label) * (score_{m} - label)",
+_BUCKET = "toUnixTimestamp(toStartOfInterval({ts}, toIntervalSecond({{bucket_seconds:UInt32}})))"
+
+TIMELINE_COUNTS_SQL: dict[str, str] = {
+    task: f"""SELECT
+    {_BUCKET.format(ts="request_ts")} AS t,
+    countIf(status = 'paired') AS paired,
+    countIf({_LABELLED} AND {_SCORABLE[task]}) AS labelled
+FROM {PAIRS_DEDUP}
+WHERE {_EXP}
+GROUP BY t
+ORDER BY t"""
+    for task in TASKS
 }
-_CORRECT_SQL = {
-    "binary": "ifNull(pred_{m}, toInt32(score_{m} >= 0.5)) = label",
-    "multiclass": "pred_{m} = label",
-}
-
-
-def _timeline_sql(task: str) -> str:
-    per_model = []
-    for m in ("a", "b"):
-        loss = _LOSS_SQL[task].format(m=m)
-        per_model.append(f"sumIf(ifNull({loss}, 0), lab) AS loss_{m}")
-        if task == "regression":
-            per_model.append(f"sumIf(ifNull(abs(score_{m} - label), 0), lab) AS abs_err_{m}")
-        else:
-            correct = _CORRECT_SQL[task].format(m=m)
-            per_model.append(f"countIf(lab AND ifNull({correct}, 0)) AS correct_{m}")
-    cumulative = []
-    for m in ("a", "b"):
-        if task == "regression":
-            cumulative.append(f"sum(abs_err_{m}) OVER w / nullIf(labelled, 0) AS mae_{m}")
-            cumulative.append(f"sqrt(sum(loss_{m}) OVER w / nullIf(labelled, 0)) AS rmse_{m}")
-        else:
-            cumulative.append(f"sum(correct_{m}) OVER w / nullIf(labelled, 0) AS accuracy_{m}")
-            if task == "binary":
-                cumulative.append(f"sum(loss_{m}) OVER w / nullIf(labelled, 0) AS log_loss_{m}")
-    inner = ",\n        ".join(per_model)
-    outer = ",\n    ".join(cumulative)
-    return f"""SELECT
-    bucket,
-    sum(n_paired) OVER w AS paired,
-    sum(n_labelled) OVER w AS labelled,
-    {outer}
-FROM (
-    SELECT
-        toStartOfInterval(request_ts, toIntervalSecond({{bucket_seconds:UInt32}})) AS bucket,
-        countIf(status = 'paired') AS n_paired,
-        countIf(lab) AS n_labelled,
-        {inner}
-    FROM (
-        SELECT *, {_LABELLED} AND {_SCORABLE[task]} AS lab
-        FROM {PAIRS_DEDUP}
-        WHERE {_EXP}
-    )
-    GROUP BY bucket
-)
-WINDOW w AS (ORDER BY bucket ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-ORDER BY bucket"""
-
-
-TIMELINE_SQL: dict[str, str] = {t: _timeline_sql(t) for t in ("binary", "multiclass", "regression")}
-"""Cumulative metrics of A and B per time bucket of ``request_ts`` (dashboard curves)."""
+"""Paired and labelled requests per time bucket of ``request_ts`` (:func:`timeline`)."""
 
 
 # ------------------------------------------------------------------------ report
@@ -311,7 +241,8 @@ class Report:
                         "diff": v[2],
                         "ci_low": v[3],
                         "ci_high": v[4],
-                        "higher_is_better": HIGHER_IS_BETTER.get(k),
+                        "higher_is_better": METRICS[k].higher_is_better,
+                        "label": METRICS[k].label,
                     }
                     for k, v in self.metrics.items()
                 },
@@ -348,7 +279,7 @@ class Report:
             head = f"  {'metric':<10} {'A':>9} {'B':>9} {'B - A':>9}  {level:<22} better"
             lines += [head, "  " + "-" * (len(head) - 2)]
             for name, (a, b, diff, lo, hi) in self.metrics.items():
-                hib = HIGHER_IS_BETTER.get(name, True)
+                hib = METRICS[name].higher_is_better
                 arrow = "higher" if hib else "lower"
                 ci = f"[{_f(lo, True)}, {_f(hi, True)}]"
                 lines.append(
@@ -456,9 +387,11 @@ def build_report(
     mcn: McNemarResult | None = None
     seq: SequentialResult | None = None
     method = ""
-    if task in METRICS_SQL:
-        sql.append(METRICS_SQL[task])
-        values = _task_metrics(client, task, params)
+    if task in TASKS:
+        names = declared_metrics(task, declared)
+        values_sql = metrics_sql(task, names)
+        sql.append(values_sql)
+        values = _one(client, values_sql, params)
         sql.append(ROWS_SQL[task])
         res = client.query(ROWS_SQL[task], parameters=params)
         cols = (
@@ -472,12 +405,11 @@ def build_report(
         n = len(y)
         counts["scored"] = n
         method = ci_method if ci_method != "auto" else ("BCa" if n <= 1000 else "percentile")
-        for name in REPORT_METRICS[task]:
-            a, b = values[f"{name}_a"], values[f"{name}_b"]
+        for name in names:
+            a, b = _num(values.get(f"{name}_a")), _num(values.get(f"{name}_b"))
             lo = hi = math.nan
             if n >= 2:
-                kind = METRIC_FUNCTIONS[name][1]
-                xa, xb = (sa, sb) if kind == "score" else (pa, pb)
+                xa, xb = (sa, sb) if METRICS[name].reads == "score" else (pa, pb)
                 iv = paired_bootstrap_metric_diff(
                     name,
                     y,
@@ -491,7 +423,7 @@ def build_report(
                 lo, hi = iv.low, iv.high
             metrics[name] = (a, b, b - a, lo, hi)
         if task != "regression":
-            mcn = mcnemar_from_counts(int(values["b01"]), int(values["b10"]))
+            mcn = mcnemar_from_counts(int(values.get("b01") or 0), int(values.get("b10") or 0))
         loss_a = per_request_loss(task, y, sa, pa)
         loss_b = per_request_loss(task, y, sb, pb)
         # 0/1 loss differences can start with a run of zeros: one pseudo observation of the
@@ -527,21 +459,20 @@ def build_report(
     )
 
 
-def _task_metrics(client: Any, task: str, params: dict[str, Any]) -> dict[str, float]:
-    """``{metric_a: .., metric_b: .., b01: .., b10: ..}`` from the task's metric SQL."""
-    res = client.query(METRICS_SQL[task], parameters=params)
-    if task != "multiclass":
-        row = dict(zip(res.column_names, res.result_rows[0], strict=True))
-        return {k: _num(v) for k, v in row.items()}
-    out: dict[str, float] = {"b01": 0.0, "b10": 0.0}
-    for name in REPORT_METRICS[task]:
-        out[f"{name}_a"] = out[f"{name}_b"] = math.nan
-    for r in res.result_rows:
-        row = dict(zip(res.column_names, r, strict=True))
-        for name in REPORT_METRICS[task]:
-            out[f"{name}_{row['model']}"] = _num(row[name])
-        out["b01"], out["b10"] = _num(row["b01"]), _num(row["b10"])
-    return out
+def declared_metrics(task: str, declared: dict[str, Any]) -> tuple[str, ...]:
+    """The metrics a report shows: the DAG's ``dag.compare(metrics=...)`` (the experiments
+    row's ``metrics``, comma-separated) that have a SQL value, else ``REPORT_METRICS``.
+
+    >>> declared_metrics("binary", {"metrics": "roc_auc,accuracy,roc_auc_river"})
+    ('roc_auc', 'accuracy')
+    >>> declared_metrics("regression", {"metrics": ""})
+    ('mae', 'rmse', 'r2')
+    """
+    wanted = [k.strip() for k in str(declared.get("metrics") or "").split(",") if k.strip()]
+    names = tuple(
+        k for k in wanted if k in METRICS and task in METRICS[k].tasks and not METRICS[k].live_only
+    )
+    return names or REPORT_METRICS[task]
 
 
 def _num(v: Any) -> float:
@@ -587,21 +518,34 @@ def list_experiments(client: Any) -> list[str]:
 def timeline(client: Any, experiment: str, bucket_seconds: int = 60) -> list[dict[str, Any]]:
     """Cumulative metrics of A and B at the end of each ``bucket_seconds`` bucket.
 
-    One dict per bucket of ``request_ts``: ``ts`` (ISO, UTC), ``paired``, ``labelled`` and,
-    by task, ``accuracy_a/_b`` (+ ``log_loss_a/_b`` for binary) or ``mae_a/_b`` and
-    ``rmse_a/_b``; None while nothing is labelled. Computed from deduplicated pairs.
+    One dict per bucket of ``request_ts``: ``ts`` (ISO, UTC), ``paired``, ``labelled``
+    (both cumulative) and ``<metric>_a`` / ``<metric>_b`` for the report's metrics that
+    have a curve (``MetricSpec.curve``), over every labelled pair requested up to the end
+    of the bucket (``MetricSpec.cumulative``); None while nothing is labelled.
+    Computed from deduplicated pairs; the last bucket equals the report.
     """
     ov = _one(client, OVERVIEW_SQL, {"experiment": experiment})
     task = ov.get("task") or ""
-    if task not in TIMELINE_SQL:
+    if task not in TASKS:
         return []
-    res = client.query(
-        TIMELINE_SQL[task],
-        parameters={"experiment": experiment, "bucket_seconds": int(bucket_seconds)},
-    )
+    params = {"experiment": experiment, "bucket_seconds": int(bucket_seconds)}
+    res = client.query(TIMELINE_COUNTS_SQL[task], parameters=params)
+    per_bucket = [dict(zip(res.column_names, r, strict=True)) for r in res.result_rows]
+    res = client.query(rows_sql(task, f"{_BUCKET.format(ts='request_ts')} AS t"), parameters=params)
+    rows = {k: np.asarray(v) for k, v in zip(res.column_names, res.result_columns, strict=True)}
+    if not res.result_rows:
+        rows = {k: np.empty(0) for k in res.column_names}
+    declared = experiment_settings(client, experiment)
+    names = [k for k in declared_metrics(task, declared) if METRICS[k].curve]
+    ts = [int(r["t"]) for r in per_bucket]
+    curves = cumulative_curves(names, rows, rows["t"], ts)
     out = []
-    for r in res.result_rows:
-        row = dict(zip(res.column_names, r, strict=True))
-        row["ts"] = _ts(row.pop("bucket")) or ""
+    paired = labelled = 0
+    for i, r in enumerate(per_bucket):
+        paired += int(r["paired"])
+        labelled += int(r["labelled"])
+        row: dict[str, Any] = {"paired": paired, "labelled": labelled}
+        row.update({k: v[i] for k, v in curves.items()})
+        row["ts"] = _ts(dt.datetime.fromtimestamp(int(r["t"]), tz=dt.UTC)) or ""
         out.append(_json_safe(row))
     return out

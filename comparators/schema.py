@@ -58,7 +58,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 4  # 4: dead_letters.original_size, original_sha256
+SCHEMA_VERSION = 5  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 PAIRS_DEDUP = "pairs FINAL"
@@ -151,6 +151,7 @@ TABLES: dict[str, Table] = {
             ("mode", "LowCardinality(String)"),
             ("split", "Float64"),
             ("margin", "Float64"),
+            ("metrics", "String"),  # dag.compare(metrics=...), comma-separated; '' = defaults
         ),
         "ReplacingMergeTree(updated_ts)",
         "experiment",

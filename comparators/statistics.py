@@ -11,7 +11,9 @@ far less noise than two independent samples would. Three tools:
   intervals for ``metric(B) - metric(A)`` by resampling requests jointly
   (``scipy.stats.bootstrap(paired=True)``).
 
-AUC is computed here from ranks (Mann-Whitney U), so the runtime needs numpy and scipy only.
+The metrics themselves (offline values included) are defined in
+:mod:`comparators.metric_specs`; AUC is computed there from ranks (Mann-Whitney U), so the
+runtime needs numpy and scipy only.
 
 >>> rng = np.random.default_rng(0)
 >>> d = rng.normal(0.05, 0.5, 5000)  # B's loss is 0.05 lower on average
@@ -32,6 +34,14 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 
+from comparators.metric_specs import (
+    EPS,
+    HIGHER_IS_BETTER,
+    METRICS,
+    average_precision,
+    roc_auc,
+)
+
 __all__ = [
     "EXACT_BELOW",
     "HIGHER_IS_BETTER",
@@ -50,7 +60,6 @@ __all__ = [
     "sequential_test",
 ]
 
-EPS = 1e-15
 EXACT_BELOW = 25
 """McNemar uses the exact binomial test when there are fewer discordant pairs than this."""
 
@@ -310,137 +319,14 @@ def per_request_loss(
 
 
 # ------------------------------------------------ metrics vectorised over resamples
-def roc_auc(y: np.ndarray, score: np.ndarray, axis: int = -1) -> np.ndarray | float:
-    """Exact ROC AUC from ranks (Mann-Whitney U, ties count one half); NaN with one class.
-
-    >>> roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    0.75
-    """
-    y = np.moveaxis(np.asarray(y), axis, -1).astype(bool)
-    s = np.moveaxis(np.asarray(score, dtype=float), axis, -1)
-    r = sps.rankdata(s, axis=-1)
-    npos = y.sum(-1)
-    nneg = y.shape[-1] - npos
-    u = (r * y).sum(-1) - npos * (npos + 1) / 2.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = u / (npos * nneg)
-    out = np.where((npos > 0) & (nneg > 0), out, np.nan)
-    return float(out) if out.ndim == 0 else out
-
-
-def average_precision(y: np.ndarray, score: np.ndarray, axis: int = -1) -> np.ndarray | float:
-    """Average precision, scikit-learn's definition (step-wise, no interpolation):
-    ``sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds. ClickHouse's ``arrayAUCPR``
-    gives the same value.
-
-    >>> average_precision(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    0.8333333333333333
-    """
-    y = np.moveaxis(np.asarray(y), axis, -1).astype(float)
-    s = np.moveaxis(np.asarray(score, dtype=float), axis, -1)
-    n = s.shape[-1]
-    order = np.argsort(-s, axis=-1, kind="stable")
-    ss = np.take_along_axis(s, order, -1)
-    ys = np.take_along_axis(y, order, -1)
-    prec = np.cumsum(ys, -1) / np.arange(1, n + 1)
-    end = np.ones(ss.shape, dtype=bool)  # last element of each group of tied scores
-    end[..., :-1] = ss[..., :-1] != ss[..., 1:]
-    idx = np.where(end, np.arange(n), n)
-    idx = np.flip(np.minimum.accumulate(np.flip(idx, -1), -1), -1)
-    p_at_end = np.take_along_axis(prec, idx, -1)
-    npos = ys.sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = (ys * p_at_end).sum(-1) / npos
-    out = np.where(npos > 0, out, np.nan)
-    return float(out) if out.ndim == 0 else out
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    # scikit-learn's zero_division default: 0 where the denominator is 0
-    return np.divide(num, den, out=np.zeros(np.shape(num)), where=den > 0)
-
-
-def _accuracy(y, p):
-    return (np.asarray(p) == np.asarray(y)).mean(-1)
-
-
-def _confusion(y, p):
-    y1, p1 = np.asarray(y) == 1, np.asarray(p) == 1
-    tp = (y1 & p1).sum(-1)
-    return tp, (~y1 & p1).sum(-1), (y1 & ~p1).sum(-1)
-
-
-def _precision(y, p):
-    tp, fp, _ = _confusion(y, p)
-    return _ratio(tp, tp + fp)
-
-
-def _recall(y, p):
-    tp, _, fn = _confusion(y, p)
-    return _ratio(tp, tp + fn)
-
-
-def _f1(y, p):
-    tp, fp, fn = _confusion(y, p)
-    return _ratio(2 * tp, 2 * tp + fp + fn)
-
-
-def _log_loss(y, s):
-    y = np.asarray(y, dtype=float)
-    ps = np.clip(np.asarray(s, dtype=float), EPS, 1 - EPS)
-    return -(y * np.log(ps) + (1 - y) * np.log1p(-ps)).mean(-1)
-
-
-def _macro_f1(y, p):
-    y, p = np.asarray(y), np.asarray(p)
-    total = np.zeros(np.shape(y)[:-1])
-    count = np.zeros(np.shape(y)[:-1])
-    for c in np.union1d(np.unique(y), np.unique(p)):
-        yc, pc = y == c, p == c
-        tp = (yc & pc).sum(-1)
-        den = yc.sum(-1) + pc.sum(-1)
-        total += _ratio(2 * tp, den)
-        count += den > 0  # scikit-learn averages over labels present in y or pred
-    return _ratio(total, count)
-
-
-def _mae(y, s):
-    return np.abs(np.asarray(s, dtype=float) - np.asarray(y, dtype=float)).mean(-1)
-
-
-def _rmse(y, s):
-    return np.sqrt(((np.asarray(s, dtype=float) - np.asarray(y, dtype=float)) ** 2).mean(-1))
-
-
-def _r2(y, s):
-    y = np.asarray(y, dtype=float)
-    sse = ((np.asarray(s, dtype=float) - y) ** 2).sum(-1)
-    sst = ((y - y.mean(-1, keepdims=True)) ** 2).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
-
-
 MetricFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 METRIC_FUNCTIONS: dict[str, tuple[MetricFn, str]] = {
     # name: (f(y, x) vectorised over the last axis, what x is: 'pred' or 'score')
-    "accuracy": (_accuracy, "pred"),
-    "precision": (_precision, "pred"),
-    "recall": (_recall, "pred"),
-    "f1": (_f1, "pred"),
-    "macro_f1": (_macro_f1, "pred"),
-    "micro_f1": (_accuracy, "pred"),  # single-label: micro F1 == accuracy
-    "roc_auc": (roc_auc, "score"),
-    "pr_auc": (average_precision, "score"),
-    "log_loss": (_log_loss, "score"),
-    "mae": (_mae, "score"),
-    "rmse": (_rmse, "score"),
-    "r2": (_r2, "score"),
+    k: (m.offline, m.reads)
+    for k, m in METRICS.items()
+    if not m.live_only
 }
-HIGHER_IS_BETTER = {
-    "accuracy": True, "precision": True, "recall": True, "f1": True, "macro_f1": True,
-    "micro_f1": True, "roc_auc": True, "pr_auc": True, "log_loss": False, "mae": False,
-    "rmse": False, "r2": True,
-}  # fmt: skip
+"""Each metric's offline value (:mod:`comparators.metric_specs`), by name."""
 
 
 # --------------------------------------------------------------------- bootstrap
@@ -472,7 +358,7 @@ def paired_bootstrap_metric_diff(
 ) -> Interval:
     """Bootstrap interval for ``metric(y, x_b) - metric(y, x_a)``, resampling requests jointly.
 
-    ``metric`` is a name from ``METRIC_FUNCTIONS`` (pass predictions or scores as its entry
+    ``metric`` is a name from ``METRICS`` (pass predictions or scores as its ``reads``
     says) or a function ``f(y, x)`` vectorised over the last axis. ``method`` is scipy's:
     'BCa' (default; its jackknife costs O(n^2), so prefer 'percentile' for large n),
     'percentile' or 'basic'. A degenerate BCa interval falls back on 'percentile'.
@@ -483,7 +369,7 @@ def paired_bootstrap_metric_diff(
     >>> iv.estimate, iv.low > 0
     (0.25, True)
     """
-    f = METRIC_FUNCTIONS[metric][0] if isinstance(metric, str) else metric
+    f = METRICS[metric].offline if isinstance(metric, str) else metric
     y, x_a, x_b = np.asarray(y), np.asarray(x_a), np.asarray(x_b)
     n = len(y)
 

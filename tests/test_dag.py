@@ -22,3 +22,17 @@ def test_shadow_copies_the_chain_and_its_builder_reads_the_replacement():
     dag.compare("ab", a=rank, b=shadow)
     validate(dag, load_models=False)
     assert [n.name for n in dag.topological()][-1] == "ab"
+
+
+def test_an_unknown_metric_of_a_comparison_is_refused_at_validation():
+    import pytest
+
+    from agents.errors import DagError
+
+    dag = Dag("m")
+    src = dag.source("q")
+    a = dag.model("a", src, path="a.pt", inputs=lambda e: e.payload["x"])
+    b = dag.model("b", src, path="b.pt", inputs=lambda e: e.payload["x"])
+    dag.compare("ab", a=a, b=b, task="binary", metrics=["accuracy", "rmse"])
+    with pytest.raises(DagError, match=r"node 'ab': unknown binary metrics \['rmse'\]"):
+        validate(dag, load_models=False)

@@ -176,6 +176,9 @@ def test_timeline_endpoint(server, data):
     last = buckets[-1]
     assert last["cum_labelled"] == report["counts"]["labelled"]
     assert tl["metrics"] == ["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"]
+    # titles and directions come from the metric specs, for the page to show as they are
+    assert tl["metric_info"]["log_loss"] == {"label": "Log loss", "higher_is_better": False}
+    assert report["metrics"]["roc_auc"]["label"] == tl["metric_info"]["roc_auc"]["label"]
     for name in tl["metrics"]:  # cumulative curves end on the report's numbers
         for m in ("a", "b"):
             assert last[f"{name}_{m}"] == pytest.approx(report["metrics"][name][m], rel=REL)

@@ -1,4 +1,8 @@
-"""PairMetrics (river) against scikit-learn, and per-partition merging."""
+"""PairMetrics: label-free statistics, latency, thresholds and per-partition merging.
+
+Each metric's live value against scikit-learn (and SQL and offline) is checked for every
+metric and task in ``tests/test_metric_oracle.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import pytest
 from sklearn import metrics as skm
 
 from comparators.metrics import (
+    DEFAULT_METRICS,
     LogHistogram,
     PairMetrics,
     merge_sufficient,
@@ -45,24 +50,16 @@ def _feed(pm, y, sa, pa, sb, pb, la=None, lb=None, idx=None):
         )
 
 
-def test_binary_matches_sklearn():
+def test_binary_pair_statistics_loss_and_latency():
     y, sa, pa, sb, pb, la, lb = _binary()
     pm = PairMetrics("binary")
     _feed(pm, y, sa, pa, sb, pb, la, lb)
     snap = pm.snapshot()
-    for m, s, p in (("a", sa, pa), ("b", sb, pb)):
+    for m, s in (("a", sa), ("b", sb)):
         v = snap[m]
-        assert v["accuracy"] == pytest.approx(skm.accuracy_score(y, p), rel=REL)
-        assert v["precision"] == pytest.approx(skm.precision_score(y, p), rel=REL)
-        assert v["recall"] == pytest.approx(skm.recall_score(y, p), rel=REL)
-        assert v["f1"] == pytest.approx(skm.f1_score(y, p), rel=REL)
-        assert v["log_loss"] == pytest.approx(skm.log_loss(y, s), rel=REL)
+        assert set(v) >= set(DEFAULT_METRICS["binary"]) | {"roc_auc_err_bound", "mean_loss"}
         assert v["mean_loss"] == pytest.approx(skm.log_loss(y, s), rel=REL)
-        exact_auc = skm.roc_auc_score(y, s)
-        # documented tolerance: within the histogram's computed bound
-        assert abs(v["roc_auc"] - exact_auc) <= v["roc_auc_err_bound"] + 1e-12
-        assert v["roc_auc_err_bound"] < 1e-3
-        assert v["pr_auc"] == pytest.approx(skm.average_precision_score(y, s), abs=5e-3)
+        assert v["roc_auc_err_bound"] < 1e-3  # the documented bound with 1000 bins
         assert v["n"] == len(y)
     pair = snap["pair"]
     assert pair["agreement"] == pytest.approx(np.mean(pa == pb), rel=REL)
@@ -98,26 +95,22 @@ def test_river_rocauc_opt_in_is_an_approximation():
     assert "precision" not in snap["a"]
 
 
-def test_multiclass_matches_sklearn():
+def test_multiclass_loss_and_agreement():
     rng = np.random.default_rng(1)
     n, k = 2000, 4
     y = rng.integers(0, k, n)
     pa = np.where(rng.random(n) < 0.6, y, rng.integers(0, k, n))
     pb = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
-    pb[:5] = 7  # a class B predicts that never occurs in y: counts for B's macro F1 only
     sa, sb = rng.random(n), rng.random(n)
     pm = PairMetrics("multiclass")
     _feed(pm, y, sa, pa, sb, pb)
     snap = pm.snapshot()
     for m, p in (("a", pa), ("b", pb)):
-        assert snap[m]["accuracy"] == pytest.approx(skm.accuracy_score(y, p), rel=REL)
-        assert snap[m]["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"), rel=REL)
-        assert snap[m]["micro_f1"] == pytest.approx(skm.f1_score(y, p, average="micro"), rel=REL)
         assert snap[m]["mean_loss"] == pytest.approx(1 - skm.accuracy_score(y, p), rel=REL)
     assert snap["pair"]["agreement"] == pytest.approx(np.mean(pa == pb), rel=REL)
 
 
-def test_regression_matches_sklearn():
+def test_regression_loss_difference():
     rng = np.random.default_rng(2)
     n = 2000
     y = rng.normal(10, 3, n)
@@ -126,10 +119,6 @@ def test_regression_matches_sklearn():
     pm = PairMetrics("regression")
     _feed(pm, y, sa, None, sb, None)
     snap = pm.snapshot()
-    for m, s in (("a", sa), ("b", sb)):
-        assert snap[m]["mae"] == pytest.approx(skm.mean_absolute_error(y, s), rel=REL)
-        assert snap[m]["rmse"] == pytest.approx(skm.root_mean_squared_error(y, s), rel=REL)
-        assert snap[m]["r2"] == pytest.approx(skm.r2_score(y, s), rel=REL)
     assert "agreement" not in snap["pair"]
     assert snap["pair"]["mean_loss_diff"] == pytest.approx(
         np.mean((sa - y) ** 2 - (sb - y) ** 2), rel=REL
@@ -151,6 +140,12 @@ def test_binary_pred_defaults_to_threshold():
     pm = PairMetrics("binary", ["accuracy"])
     pm.update(0.9, None, 0.3, None, 1)
     assert pm.snapshot()["a"]["accuracy"] == 1.0 and pm.snapshot()["b"]["accuracy"] == 0.0
+    # each model's own threshold, when the pair carries a score and no class
+    pm = PairMetrics("binary", ["accuracy"], threshold_a=0.95, threshold_b=0.25)
+    pm.update(0.9, None, 0.3, None, 1)
+    assert pm.snapshot()["a"]["accuracy"] == 0.0 and pm.snapshot()["b"]["accuracy"] == 1.0
+    pm.update(0.9, 0, 0.3, 1, 1)  # a class sent by the model wins over any threshold
+    assert pm.snapshot()["a"]["accuracy"] == 0.0 and pm.snapshot()["b"]["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
@@ -206,7 +201,7 @@ def test_log_histogram_merge_and_edges():
 def test_bad_arguments():
     with pytest.raises(ValueError):
         PairMetrics("ranking")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown regression metrics \['accuracy'\]"):
         PairMetrics("regression", ["accuracy"])
     a, b = PairMetrics("binary").sufficient_stats(), PairMetrics("regression").sufficient_stats()
     with pytest.raises(ValueError):

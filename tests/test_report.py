@@ -19,6 +19,7 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from comparators.report import (
     METRICS_SQL,
     OVERVIEW_SQL,
+    REPORT_METRICS,
     ROWS_SQL,
     build_report,
     list_experiments,
@@ -111,6 +112,10 @@ def test_schema_is_idempotent_and_migrates(client):
         assert tables == set(TABLES)
         c.command("ALTER TABLE pairs DROP COLUMN worker")  # an older pairs table
         ensure_schema(c)
+        c.command("ALTER TABLE experiments DROP COLUMN metrics")  # before schema 5
+        ensure_schema(c)
+        cols = {r[0]: r[1] for r in c.query("DESCRIBE TABLE experiments").result_rows}
+        assert cols["metrics"] == "String"
         cols = {r[0]: r[1] for r in c.query("DESCRIBE TABLE pairs").result_rows}
         assert cols["worker"] == "LowCardinality(String)"
         assert cols["label_ts"] == "Nullable(DateTime64(3, 'UTC'))"
@@ -360,3 +365,56 @@ def test_rows_sql_orders_by_label_time(client):
     res = client.query(ROWS_SQL["binary"], parameters={"experiment": "dag5.order"})
     got = np.asarray(res.result_columns[1])
     np.testing.assert_array_equal(got, sa[::-1])
+
+
+# ------------------------------------------------- declared metrics, thresholds
+def _declare(client, experiment, metrics):
+    cols = [c for c, _ in TABLES["experiments"].columns]
+    row = dict.fromkeys(cols, "")
+    row.update(experiment=experiment, updated_ts=T0, group_size=1, split=0.0, margin=0.0)
+    row.update(metrics=metrics, task="binary", dag=experiment.split(".")[0])
+    client.insert("experiments", [[row[c] for c in cols]], column_names=cols)
+
+
+def test_declared_metrics_reach_the_report_and_its_timeline(client):
+    y, sa, sb, pa, pb = _binary_data(400, seed=12)
+    _insert(client, _rows("dag6.declared", "binary", y, sa, sb, pa, pb))
+    # what dag.compare(metrics=[...]) records; a live-only metric has no report value
+    _declare(client, "dag6.declared", "roc_auc,log_loss,roc_auc_river")
+    rep = build_report(client, "dag6.declared", n_resamples=50)
+    assert list(rep.metrics) == ["roc_auc", "log_loss"]
+    assert rep.metrics["roc_auc"][1] == pytest.approx(skm.roc_auc_score(y, sb), rel=REL)
+    assert rep.to_dict()["metrics"]["log_loss"]["higher_is_better"] is False
+    last = timeline(client, "dag6.declared", bucket_seconds=3600)[-1]
+    assert {k for k in last if k.endswith(("_a", "_b"))} == {
+        "roc_auc_a",
+        "roc_auc_b",
+        "log_loss_a",
+        "log_loss_b",
+    }
+    assert last["roc_auc_b"] == pytest.approx(rep.metrics["roc_auc"][1], rel=REL)
+    # nothing declared: the task's defaults
+    _insert(client, _rows("dag6.plain", "binary", y, sa, sb, pa, pb))
+    _declare(client, "dag6.plain", "")
+    assert list(build_report(client, "dag6.plain", n_resamples=50).metrics) == list(
+        REPORT_METRICS["binary"]
+    )
+
+
+def test_report_reads_the_classes_the_models_sent(client):
+    """The model nodes' threshold (0.3 here) made pred_a/pred_b: the report counts those
+    classes, and only rows without one fall back on score >= 0.5."""
+    y, sa, sb, _, _ = _binary_data(600, seed=13)
+    pa, pb = (sa >= 0.3).astype(int), (sb >= 0.3).astype(int)
+    _insert(client, _rows("dag7.threshold", "binary", y, sa, sb, pa, pb))
+    rep = build_report(client, "dag7.threshold", n_resamples=50)
+    for side, p in ((0, pa), (1, pb)):
+        assert rep.metrics["accuracy"][side] == pytest.approx(skm.accuracy_score(y, p), rel=REL)
+        assert rep.metrics["f1"][side] == pytest.approx(skm.f1_score(y, p), rel=REL)
+    assert (rep.mcnemar.b01, rep.mcnemar.b10) == (
+        np.sum((pa != y) & (pb == y)),
+        np.sum((pa == y) & (pb != y)),
+    )
+    _insert(client, _rows("dag7.no_class", "binary", y, sa, sb, None, None))
+    bare = build_report(client, "dag7.no_class", n_resamples=50)
+    assert bare.metrics["accuracy"][0] == pytest.approx(skm.accuracy_score(y, sa >= 0.5), rel=REL)

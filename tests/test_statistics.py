@@ -9,7 +9,6 @@ from sklearn import metrics as skm
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from comparators.statistics import (
-    METRIC_FUNCTIONS,
     McNemarResult,
     average_precision,
     mcnemar_from_counts,
@@ -55,6 +54,7 @@ def test_mcnemar_no_discordance():
 
 
 # ------------------------------------------------------ metric functions, exact
+# (every metric's offline value against scikit-learn: tests/test_metric_oracle.py)
 def test_rank_auc_and_ap_equal_sklearn_with_ties():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1500)
@@ -70,35 +70,6 @@ def test_rank_auc_and_ap_equal_sklearn_with_ties():
         average_precision(yb, batch),
         [skm.average_precision_score(y, s), skm.average_precision_score(y, s[::-1])],
     )
-
-
-def test_metric_functions_equal_sklearn():
-    rng = np.random.default_rng(1)
-    y, s, _ = _binormal(800, 1.2, 1.5, 1)
-    p = (s >= 0.5).astype(int)
-    yr = rng.normal(size=800)
-    r = yr + rng.normal(0, 0.5, 800)
-    ym = rng.integers(0, 4, 800)
-    pm = np.where(rng.random(800) < 0.5, ym, rng.integers(0, 5, 800))
-    cases = {
-        "accuracy": (skm.accuracy_score, y, p),
-        "precision": (skm.precision_score, y, p),
-        "recall": (skm.recall_score, y, p),
-        "f1": (skm.f1_score, y, p),
-        "roc_auc": (skm.roc_auc_score, y, s),
-        "pr_auc": (skm.average_precision_score, y, s),
-        "log_loss": (skm.log_loss, y, s),
-        "macro_f1": (lambda a, b: skm.f1_score(a, b, average="macro"), ym, pm),
-        "micro_f1": (lambda a, b: skm.f1_score(a, b, average="micro"), ym, pm),
-        "mae": (skm.mean_absolute_error, yr, r),
-        "rmse": (skm.root_mean_squared_error, yr, r),
-        "r2": (skm.r2_score, yr, r),
-    }
-    assert set(cases) == set(METRIC_FUNCTIONS)
-    for name, (ref, yy, xx) in cases.items():
-        assert float(METRIC_FUNCTIONS[name][0](yy, xx)) == pytest.approx(ref(yy, xx), rel=1e-9), (
-            name
-        )
 
 
 def test_per_request_loss():

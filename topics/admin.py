@@ -28,7 +28,21 @@ def admin_client(bootstrap: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
 
 
-def existing_topics(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> dict[str, int]:
+@dataclass(frozen=True)
+class BrokerMetadata:
+    """One metadata answer: the cluster id (it changes when a broker starts with new storage,
+    see ``abdag.stack.broker``) and each topic's partition count."""
+
+    cluster_id: str | None
+    topics: dict[str, int]
+
+
+def broker_metadata(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> BrokerMetadata:
+    """Ask for every topic; raise :class:`BrokerUnreachable` if the broker does not answer.
+
+    All topics, never named ones: a metadata request naming a missing topic makes Tansu
+    (and a Kafka broker with ``auto.create.topics.enable``) create it with default settings.
+    """
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -36,7 +50,12 @@ def existing_topics(admin: AdminClient, bootstrap: str, timeout: float = 5.0) ->
             f"the Kafka broker at {bootstrap} did not answer within {timeout:.0f} s "
             f"(is `abdag up` running, or ABDAG_BROKER right?): {exc}"
         ) from exc
-    return {name: len(t.partitions) for name, t in meta.topics.items()}
+    topics = {name: len(t.partitions) for name, t in meta.topics.items()}
+    return BrokerMetadata(meta.cluster_id, topics)
+
+
+def existing_topics(admin: AdminClient, bootstrap: str, timeout: float = 5.0) -> dict[str, int]:
+    return broker_metadata(admin, bootstrap, timeout).topics
 
 
 def ensure_topics(

@@ -1,15 +1,16 @@
 """Curves over time for the dashboard, read from deduplicated pairs (``pairs FINAL``).
 
-:func:`timeline_payload` extends :func:`comparators.report.timeline` (cumulative accuracy,
-log loss, MAE, RMSE per bucket of ``request_ts``) with what a person watching a live test
-needs per bucket: cumulative precision / recall / F1 / ROC AUC of A and B, latency p50/p95
-per model, agreement and flips, unpaired counts, label coverage and label delay, and the
-path of the always-valid confidence sequence behind the verdict.
+:func:`timeline_payload` gives what a person watching a live test needs per bucket of
+``request_ts``: the cumulative value of each of the experiment's metrics for A and B (those
+the report shows that have a curve, each computed by its ``MetricSpec.cumulative`` in
+:mod:`comparators.metric_specs`), latency p50/p95 per model, agreement and flips, unpaired
+counts, label coverage and label delay, and the path of the always-valid confidence
+sequence behind the verdict.
 
-Counts and quantiles are computed in SQL (``BUCKETS_SQL``). ROC AUC and the confidence
-sequence need the labelled rows themselves (``LABELLED_ROWS_SQL``, the same rows and order
-as the report's ``ROWS_SQL``), so that the last point of every curve equals the number in
-the report.
+Counts and quantiles are computed in SQL (``BUCKETS_SQL``). Metric curves and the
+confidence sequence need the labelled rows themselves (``LABELLED_ROWS_SQL``: the report's
+``ROWS_SQL`` columns, rows and order, with their buckets), so that the last point of every
+curve equals the number in the report.
 
 >>> sorted(BUCKETS_SQL)
 ['binary', 'multiclass', 'regression']
@@ -21,16 +22,26 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-# The report's row predicates are reused on purpose: the dashboard must count exactly the
-# rows the report counts.
-from comparators.report import _LABELLED, _SCORABLE, OVERVIEW_SQL, timeline
+# The report's row predicates and columns are reused on purpose: the dashboard must count
+# exactly the rows the report counts.
+from comparators.metric_specs import METRICS, cumulative_curves
+from comparators.report import (
+    _LABELLED,
+    _SCORABLE,
+    OVERVIEW_SQL,
+    PRED_SQL,
+    REPORT_METRICS,
+    declared_metrics,
+    experiment_settings,
+    rows_sql,
+)
 from comparators.schema import PAIRS_DEDUP
 from comparators.statistics import confidence_sequence, per_request_loss
+from comparators.tasks import TASKS
 
 __all__ = [
     "BUCKETS_SQL",
@@ -44,11 +55,10 @@ __all__ = [
 ]
 
 CURVE_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"),
-    "multiclass": ("accuracy",),
-    "regression": ("mae", "rmse"),
+    t: tuple(k for k in REPORT_METRICS[t] if METRICS[k].curve) for t in TASKS
 }
-"""Cumulative metrics drawn for A and B, by task (each point: all labelled pairs so far)."""
+"""Cumulative metrics drawn for A and B when the DAG declared none, by task (each point:
+all labelled pairs so far); a DAG's ``dag.compare(metrics=...)`` replaces them."""
 
 NICE_BUCKETS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 TARGET_BUCKETS = 120
@@ -57,10 +67,6 @@ MAX_BUCKETS = 5000
 
 _EXP = "experiment = {experiment:String}"
 _BUCKET = "toStartOfInterval({ts}, toIntervalSecond({{bucket_seconds:UInt32}}))"
-_PRED = {
-    "binary": "ifNull(pred_{m}, toInt32(score_{m} >= 0.5))",
-    "multiclass": "pred_{m}",
-}
 
 
 def _buckets_sql(task: str, *, by_bucket: bool = True) -> str:
@@ -88,8 +94,8 @@ def _buckets_sql(task: str, *, by_bucket: bool = True) -> str:
         cols.append("avgIf(abs(score_a - score_b), cmp) AS mean_abs_diff")
     else:
         derived += [
-            f"{_PRED[task].format(m='a')} AS pa",
-            f"{_PRED[task].format(m='b')} AS pb",
+            f"{PRED_SQL[task].format(m='a')} AS pa",
+            f"{PRED_SQL[task].format(m='b')} AS pb",
             "toInt64(label) AS y",
         ]
         cols += [
@@ -97,13 +103,6 @@ def _buckets_sql(task: str, *, by_bucket: bool = True) -> str:
             "countIf(lab AND pa != y AND pb = y) AS fixed",
             "countIf(lab AND pa = y AND pb != y) AS broken",
         ]
-    if task == "binary":
-        for m in ("a", "b"):
-            cols += [
-                f"countIf(lab AND p{m} = 1 AND y = 1) AS tp_{m}",
-                f"countIf(lab AND p{m} = 1 AND y = 0) AS fp_{m}",
-                f"countIf(lab AND p{m} = 0 AND y = 1) AS fn_{m}",
-            ]
     select = ",\n    ".join(cols)
     extra = ",\n        ".join(derived)
     bucket = f"toUnixTimestamp({_BUCKET.format(ts='request_ts')})" if by_bucket else "0"
@@ -121,35 +120,22 @@ GROUP BY t
 ORDER BY t"""
 
 
-BUCKETS_SQL: dict[str, str] = {t: _buckets_sql(t) for t in ("binary", "multiclass", "regression")}
+BUCKETS_SQL: dict[str, str] = {t: _buckets_sql(t) for t in TASKS}
 """Per bucket of ``request_ts`` (not cumulative): counts, latency and label-delay quantiles."""
 
-SUMMARY_SQL: dict[str, str] = {
-    t: _buckets_sql(t, by_bucket=False) for t in ("binary", "multiclass", "regression")
-}
+SUMMARY_SQL: dict[str, str] = {t: _buckets_sql(t, by_bucket=False) for t in TASKS}
 """The same figures over the whole experiment (one row), for the page's headline numbers."""
 
 
-def _labelled_rows_sql(task: str) -> str:
-    arrival = "coalesce(label_ts, paired_ts)"
-    pred = _PRED.get(task, "-1")
-    return f"""SELECT
-    toUnixTimestamp({_BUCKET.format(ts="request_ts")}) AS t_request,
-    toUnixTimestamp({_BUCKET.format(ts=arrival)}) AS t_label,
-    assumeNotNull(label) AS y,
-    ifNull(score_a, nan) AS sa,
-    ifNull(score_b, nan) AS sb,
-    ifNull({pred.format(m="a")}, -1) AS pa,
-    ifNull({pred.format(m="b")}, -1) AS pb
-FROM {PAIRS_DEDUP}
-WHERE {_EXP} AND {_LABELLED} AND {_SCORABLE[task]}
-ORDER BY {arrival}, request_id"""
-
-
 LABELLED_ROWS_SQL: dict[str, str] = {
-    t: _labelled_rows_sql(t) for t in ("binary", "multiclass", "regression")
+    t: rows_sql(
+        t,
+        f"toUnixTimestamp({_BUCKET.format(ts='request_ts')}) AS t_request",
+        f"toUnixTimestamp({_BUCKET.format(ts='coalesce(label_ts, paired_ts)')}) AS t_label",
+    )
+    for t in TASKS
 }
-"""Labelled rows in label-arrival order (the report's order), with their buckets."""
+"""The report's labelled rows, in its order (label arrival), with their buckets."""
 
 SPAN_SQL = f"""SELECT min(request_ts) AS first, max(request_ts) AS last
 FROM pairs
@@ -216,32 +202,6 @@ def _rows(client: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return [dict(zip(res.column_names, r, strict=True)) for r in res.result_rows]
 
 
-def _cumulative_auc(t: np.ndarray, y: np.ndarray, s: np.ndarray, buckets: Iterable[int]) -> dict:
-    """ROC AUC of all labelled rows up to each bucket, ties counting one half.
-
-    Adds, bucket by bucket, the Mann-Whitney U of every pair that involves a new row:
-    O(n log n) per bucket in numpy, instead of re-ranking every prefix.
-    """
-    pos = np.empty(0)
-    neg = np.empty(0)
-    u = 0.0
-    out: dict[int, float | None] = {}
-    for b in buckets:
-        sel = t == b
-        new_pos = np.sort(s[sel & (y == 1)])
-        new_neg = np.sort(s[sel & (y == 0)])
-        neg = np.sort(np.concatenate([neg, new_neg]), kind="mergesort")
-        lo = np.searchsorted(neg, new_pos, "left")
-        hi = np.searchsorted(neg, new_pos, "right")
-        u += float(lo.sum() + 0.5 * (hi - lo).sum())  # new positives against all negatives
-        lo = np.searchsorted(pos, new_neg, "left")
-        hi = np.searchsorted(pos, new_neg, "right")
-        u += float((len(pos) - hi).sum() + 0.5 * (hi - lo).sum())  # new negatives, old positives
-        pos = np.sort(np.concatenate([pos, new_pos]), kind="mergesort")
-        out[b] = u / (len(pos) * len(neg)) if len(pos) and len(neg) else None
-    return out
-
-
 def _sequential_path(task: str, rows: dict[str, np.ndarray], alpha: float) -> list[dict[str, Any]]:
     """The confidence sequence on mean(loss_a - loss_b) at the end of each label bucket.
 
@@ -289,7 +249,8 @@ def timeline_payload(
     ``buckets``: one dict per non-empty bucket of ``request_ts`` with ``t`` (epoch s),
     ``ts`` (ISO), per-bucket counts (``paired``, ``missing_a``, ``missing_b``,
     ``labelled``), running totals (``cum_paired``, ``cum_labelled``), cumulative
-    ``<metric>_a`` / ``<metric>_b`` for ``metrics``, ``latency_p50_a`` ... ``latency_p95_b``
+    ``<metric>_a`` / ``<metric>_b`` for ``metrics`` (titles and directions in
+    ``metric_info``), ``latency_p50_a`` ... ``latency_p95_b``
     (ms), ``agreement`` (share of compared pairs where A and B predict the same class),
     ``flip_rate`` (share of labelled pairs where exactly one model is right; ``fixed_rate``
     B right only, ``broken_rate`` A right only), ``coverage`` (labelled / paired, in the
@@ -310,11 +271,20 @@ def timeline_payload(
             f"bucket={bucket} s would give {int(seconds / bucket) + 1} buckets over "
             f"{seconds:.0f} s of requests (at most {MAX_BUCKETS}); use a larger bucket"
         )
+    names = []
+    if task in TASKS:
+        declared = declared_metrics(task, experiment_settings(client, experiment))
+        names = [k for k in declared if METRICS[k].curve]
     out: dict[str, Any] = {
         "experiment": experiment,
         "task": task,
         "bucket_seconds": bucket,
-        "metrics": list(CURVE_METRICS.get(task, ())),
+        "metrics": names,
+        # how to title and read each curve (from the metric's spec, not the page)
+        "metric_info": {
+            k: {"label": METRICS[k].label, "higher_is_better": METRICS[k].higher_is_better}
+            for k in names
+        },
         "buckets": [],
         "sequential": [],
         "summary": {},
@@ -322,23 +292,15 @@ def timeline_payload(
     if task not in BUCKETS_SQL:
         return out
     params["bucket_seconds"] = bucket
-    cumulative = {
-        int(dt.datetime.fromisoformat(r["ts"]).timestamp()): r
-        for r in timeline(client, experiment, bucket)
-    }
     res = client.query(LABELLED_ROWS_SQL[task], parameters=params)
     cols = {k: np.asarray(v) for k, v in zip(res.column_names, res.result_columns, strict=True)}
     if not res.result_rows:
         cols = {k: np.empty(0) for k in res.column_names}
     per_bucket = _rows(client, BUCKETS_SQL[task], params)
-    auc: dict[str, dict] = {}
-    if task == "binary":
-        ts = [int(r["t"]) for r in per_bucket]
-        y = cols["y"].astype(float)
-        for m in ("a", "b"):
-            auc[m] = _cumulative_auc(cols["t_request"], y, cols[f"s{m}"].astype(float), ts)
+    ts = [int(r["t"]) for r in per_bucket]
+    curves = cumulative_curves(names, cols, cols["t_request"], ts)
     run: dict[str, int] = {}
-    for r in per_bucket:
+    for i, r in enumerate(per_bucket):
         t = int(r["t"])
         for k, v in r.items():
             if k != "t" and isinstance(v, int):
@@ -347,20 +309,7 @@ def timeline_payload(
         row["cum_paired"] = run["paired"]
         row["cum_labelled"] = run["labelled"]
         row["cum_coverage"] = _ratio(run["labelled"], run["paired"])
-        cum = cumulative.get(t, {})
-        for name in CURVE_METRICS[task]:
-            for m in ("a", "b"):
-                key = f"{name}_{m}"
-                if name in ("precision", "recall", "f1"):
-                    tp, fp, fn = run[f"tp_{m}"], run[f"fp_{m}"], run[f"fn_{m}"]
-                    den = {"precision": tp + fp, "recall": tp + fn, "f1": 2 * tp + fp + fn}[name]
-                    num = 2 * tp if name == "f1" else tp
-                    # the report's convention: 0 when the denominator is 0
-                    row[key] = (num / den if den else 0.0) if run["labelled"] else None
-                elif name == "roc_auc":
-                    row[key] = auc[m].get(t)
-                else:
-                    row[key] = cum.get(key)
+        row.update({k: v[i] for k, v in curves.items()})  # NaN (None) while nothing labelled
         out["buckets"].append(row)
     summary = _rows(client, SUMMARY_SQL[task], params)
     out["summary"] = _figures(task, summary[0]) if summary else {}

@@ -20,21 +20,8 @@
     purple: "#7b55c7",
     grid: "#eef0f3",
   };
-  const PRETTY = {
-    accuracy: "Accuracy",
-    precision: "Precision",
-    recall: "Recall",
-    f1: "F1",
-    roc_auc: "ROC AUC",
-    pr_auc: "PR AUC",
-    log_loss: "Log loss",
-    macro_f1: "Macro F1",
-    micro_f1: "Micro F1",
-    mae: "MAE",
-    rmse: "RMSE",
-    r2: "R²",
-  };
-  const LOWER_BETTER = new Set(["log_loss", "mae", "rmse"]);
+  // Metric titles and directions come with the data (comparators/metric_specs.py), so a
+  // new metric needs nothing here.
 
   const params = new URLSearchParams(location.search);
   const state = {
@@ -311,7 +298,7 @@
       return el(
         "tr",
         { "data-metric": name },
-        el("td", {}, PRETTY[name] || name, el("span", { class: "hint", text: hib ? "↑" : "↓" })),
+        el("td", {}, m.label || name, el("span", { class: "hint", text: hib ? "↑" : "↓" })),
         el("td", { class: "a", text: num(m.a) }),
         el("td", { class: "b", text: num(m.b) }),
         el("td", { class: cls, text: signed(m.diff) }),
@@ -484,7 +471,9 @@
     }
     const xs = tl.buckets.map((b) => b.t);
     for (const m of tl.metrics) {
-      const box = chartBox(parent, "chart-" + m, PRETTY[m] || m, LOWER_BETTER.has(m) ? "lower is better" : "higher is better");
+      const info = (tl.metric_info || {})[m] || {};
+      const better = info.higher_is_better === false ? "lower is better" : "higher is better";
+      const box = chartBox(parent, "chart-" + m, info.label || m, better);
       draw(box, xs, [
         { label: "A", values: col(tl.buckets, m + "_a"), stroke: C.a },
         { label: "B", values: col(tl.buckets, m + "_b"), stroke: C.b },
