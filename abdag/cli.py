@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from abdag.agents.config import LOG_LEVELS
+from abdag.agents.logfilters import install_log_filters
 from abdag.errors import UserError
 from abdag.settings import Settings
-from agents.config import LOG_LEVELS
-from agents.logfilters import install_log_filters
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     from abdag.clickhouse import ClickHouseUnreachable
     from abdag.stack.processes import StackError
-    from topics.admin import BrokerUnreachable
+    from abdag.topics.admin import BrokerUnreachable
 
     known: tuple[type[Exception], ...] = (
         UserError,
@@ -179,8 +179,8 @@ def _is_user_error(exc: Exception) -> bool:
         BrokerUnreachable,
         ValueError,
     )
-    from agents.errors import DagError
-    from models.errors import ModelError
+    from abdag.agents.errors import DagError
+    from abdag.models.errors import ModelError
 
     known += (DagError, ModelError)
     return isinstance(exc, known)

@@ -60,8 +60,8 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _load_valid_dag(path: str, *, load_models: bool = True):
-    from agents.loader import load_dag
-    from agents.validate import validate
+    from abdag.agents.loader import load_dag
+    from abdag.agents.validate import validate
 
     dag = load_dag(path)
     validate(dag, load_models=load_models)
@@ -70,8 +70,8 @@ def _load_valid_dag(path: str, *, load_models: bool = True):
 
 @command("topics")
 def topics(args: argparse.Namespace, settings: Settings) -> int:
-    from agents.topology import dag_topics
-    from topics.admin import ensure_topics
+    from abdag.agents.topology import dag_topics
+    from abdag.topics.admin import ensure_topics
 
     dag = _load_valid_dag(args.dag_file, load_models=False)
     for info in ensure_topics(settings.broker, dag_topics(dag), dag.partitions):
@@ -84,12 +84,12 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
 def worker(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
-    from agents.app import REQUIRED_RECORD_BYTES, build_app
-    from agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
-    from agents.producer import RecordLimitTooSmall, record_limit
-    from agents.topology import dag_topics
-    from models import ModelError, apply_cpu_threads
-    from topics.admin import ensure_topics
+    from abdag.agents.app import REQUIRED_RECORD_BYTES, build_app
+    from abdag.agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
+    from abdag.agents.producer import RecordLimitTooSmall, record_limit
+    from abdag.agents.topology import dag_topics
+    from abdag.models import ModelError, apply_cpu_threads
+    from abdag.topics.admin import ensure_topics
 
     tune_interpreter()
     try:
@@ -118,12 +118,12 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("produce")
 def produce(args: argparse.Namespace, settings: Settings) -> int:
-    from agents.dag import LabelSource, Source
-    from agents.topology import dag_topics
-    from topics import input_topic
-    from topics.admin import ensure_topics
-    from topics.producer import produce as send
-    from topics.producer import read_jsonl
+    from abdag.agents.dag import LabelSource, Source
+    from abdag.agents.topology import dag_topics
+    from abdag.topics import input_topic
+    from abdag.topics.admin import ensure_topics
+    from abdag.topics.producer import produce as send
+    from abdag.topics.producer import read_jsonl
 
     dag = _load_valid_dag(args.dag_file, load_models=False)
     node = dag.nodes.get(args.source)
@@ -210,7 +210,7 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from abdag.clickhouse import connect
-    from comparators.report import build_report, group_members, list_experiments
+    from abdag.comparators.report import build_report, group_members, list_experiments
 
     client = connect(settings, readonly=True)
     known = list_experiments(client)
@@ -255,7 +255,7 @@ def dashboard(args: argparse.Namespace, settings: Settings) -> int:
 def _registry(settings: Settings):
     from pathlib import Path
 
-    from models.registry import ModelRegistry
+    from abdag.models.registry import ModelRegistry
 
     return ModelRegistry(Path(settings.data_dir) / "registry")
 
@@ -314,7 +314,7 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _record_decision(args: argparse.Namespace, settings: Settings, action: str) -> int:
     from abdag.clickhouse import connect
-    from comparators.decisions import PromotionRefused, decide_promotion, decide_retirement
+    from abdag.comparators.decisions import PromotionRefused, decide_promotion, decide_retirement
 
     decide = decide_promotion if action == "promote" else decide_retirement
     try:

@@ -1,9 +1,9 @@
-"""Turning a :class:`~agents.dag.Dag` into a Faust app: one agent per node.
+"""Turning a :class:`~abdag.agents.dag.Dag` into a Faust app: one agent per node.
 
 Data flows one way: input topic -> source agent (assigns the request id) -> node topics,
 each request in the partition its id hashes to -> model agents -> comparison agent (join
 table) -> pairs topic -> ClickHouse sink agent. Between nodes, what an agent sends from one
-batch goes as one pack per partition (``topics.packs``): a Faust worker pays per Kafka
+batch goes as one pack per partition (``abdag.topics.packs``): a Faust worker pays per Kafka
 record, and at load a pack carries tens to hundreds of requests. Every agent sends what it
 cannot process to the DAG's dead-letter topic with the reason, the node and the original
 bytes (of the one refused record of a pack), counts it, and carries on.
@@ -26,17 +26,16 @@ from typing import Any
 import faust
 import orjson
 
+from abdag.agents.config import broker_kind, faust_settings, fetch_wait
+from abdag.agents.consumer import use_resume_at_committed_consumer
+from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
+from abdag.agents.tables import JsonTable
 from abdag.clickhouse import connect
-from abdag.settings import Settings
-from agents.config import broker_kind, faust_settings, fetch_wait
-from agents.consumer import use_resume_at_committed_consumer
-from agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
-from agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
-from agents.tables import JsonTable
-from comparators.decisions import served_side
-from comparators.join import PairJoin
-from comparators.labels import check_label
-from comparators.rows import (
+from abdag.comparators.decisions import served_side
+from abdag.comparators.join import PairJoin
+from abdag.comparators.labels import check_label
+from abdag.comparators.rows import (
     PAIR_COLUMNS,
     SNAPSHOT_COLUMNS,
     experiment_name,
@@ -44,8 +43,9 @@ from comparators.rows import (
     snapshot_rows,
     to_insert_values,
 )
-from comparators.sink import ClickHouseSink
-from topics import (
+from abdag.comparators.sink import ClickHouseSink
+from abdag.settings import Settings
+from abdag.topics import (
     BadRecord,
     DeadLetter,
     Event,
@@ -64,8 +64,8 @@ from topics import (
     served_topic,
     snapshots_topic,
 )
-from topics.packs import Headers, Packed, is_pack, packs_by_partition, partition_for, unpack
-from topics.records import MAX_EVENT_BYTES
+from abdag.topics.packs import Headers, Packed, is_pack, packs_by_partition, partition_for, unpack
+from abdag.topics.records import MAX_EVENT_BYTES
 
 log = logging.getLogger("abdag.worker")
 INLINE_BELOW_MS = 2.0  # a model node infers a batch this quick on the event loop
@@ -83,7 +83,7 @@ INPUT_BUFFER = 16384
 PAIR_ROWS_PER_RECORD = 200
 # The largest record abdag sends by design: one event of up to MAX_EVENT_BYTES, alone in its
 # pack, with the outputs of the models before it. A broker that takes less is refused at
-# start-up (agents.producer.record_limit); anything larger is dead-lettered.
+# start-up (abdag.agents.producer.record_limit); anything larger is dead-lettered.
 REQUIRED_RECORD_BYTES = MAX_EVENT_BYTES + 64 * 1024
 EXPERIMENT_COLUMNS = [
     "experiment",
@@ -148,7 +148,7 @@ class DagRuntime:
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # -- broker restarts (agents/broker_watch.py): no offsets of a lost broker committed
-        from agents.broker_watch import register as watch_broker
+        from abdag.agents.broker_watch import register as watch_broker
 
         self.broker_watch = watch_broker(self.app, settings, dag)
         # --
@@ -161,12 +161,12 @@ class DagRuntime:
         self.app.service(_Stopper(self))
 
     async def send(self, topic: str, items: Iterable[tuple[bytes, bytes, Any]]) -> None:
-        """Queue ``(key, value, headers)`` records for ``topic`` (see agents.producer)."""
+        """Queue ``(key, value, headers)`` records for ``topic`` (see abdag.agents.producer)."""
         await self.output.send_all(OutRecord(topic, k, v, h) for k, v, h in items)
 
     async def send_packed(self, topic: str, entries: Iterable[tuple[int, bytes, Headers]]) -> None:
         """Queue ``(partition, encoded record, headers)`` entries for a node topic, as one
-        pack per partition (``topics.packs``)."""
+        pack per partition (``abdag.topics.packs``)."""
         await self.output.send_all(
             OutRecord(topic, None, value, None, partition)
             for partition, value in packs_by_partition(entries)
@@ -255,7 +255,7 @@ class DagRuntime:
 
     def _too_large(self, record: OutRecord, why: str) -> OutRecord | None:
         """The dead letter sent instead of an output record too large for the broker: one
-        record's content must never stop the worker (see agents.producer)."""
+        record's content must never stop the worker (see abdag.agents.producer)."""
         dead = self.dead_topic.get_topic_name()
         if record.topic == dead:
             return None  # cannot happen (letters are bounded); a failure if it does
@@ -306,7 +306,7 @@ class DagRuntime:
 
     def ensure_schema(self, client: Any) -> None:
         """Create or migrate the tables once per worker (and again after a failure)."""
-        from comparators.schema import ensure_schema
+        from abdag.comparators.schema import ensure_schema
 
         with self._schema_lock:
             if not self._schema_ready:
@@ -330,8 +330,8 @@ class ModelSlot:
         self.runner, self.version = self._load()
 
     def _load(self):
-        from agents.model_source import resolve
-        from models import BatchRunner, load_model
+        from abdag.agents.model_source import resolve
+        from abdag.models import BatchRunner, load_model
 
         src = resolve(self.node, self.settings)
         model = load_model(
@@ -345,7 +345,7 @@ class ModelSlot:
         return runner, src.version or model.version
 
     def reload_if_newer(self) -> bool:
-        from agents.model_source import resolve
+        from abdag.agents.model_source import resolve
 
         try:
             if resolve(self.node, self.settings).version == self.version:
@@ -382,7 +382,7 @@ def build_app(
     dag: Dag, settings: Settings, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 ) -> tuple[faust.App, DagRuntime]:
     """Create the Faust app with one agent per node of ``dag`` (validated beforehand);
-    ``max_record_bytes``: the largest output record (see agents.producer.record_limit)."""
+    ``max_record_bytes``: the largest output record (see abdag.agents.producer.record_limit)."""
     rt = DagRuntime(dag, settings, max_record_bytes=max_record_bytes)
     for node in dag.topological():
         if isinstance(node, Source):
@@ -537,7 +537,7 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
 
 def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
-    from agents.model_source import resolve
+    from abdag.agents.model_source import resolve
 
     (upstream,) = node.inputs
     out = node_topic(rt.dag.name, node.name)
@@ -677,7 +677,7 @@ async def _hand_over(queue: asyncio.Queue, item: Any, consumer: asyncio.Future) 
 
 
 def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
-    from comparators.metrics import PairMetrics
+    from abdag.comparators.metrics import PairMetrics
 
     dag = rt.dag.name
     experiment = experiment_name(dag, node.name)
@@ -904,7 +904,7 @@ def _decisions_follower(rt: DagRuntime) -> None:
 def _latest_decisions(rt: DagRuntime, experiments: list[str], clients: dict[str, Any]):
     """Read the newest decisions with the follower's own client (a ClickHouse session
     serves one query at a time; the sinks insert meanwhile)."""
-    from comparators.decisions import latest_decisions
+    from abdag.comparators.decisions import latest_decisions
 
     client = clients.get("client")
     if client is None:

@@ -52,7 +52,7 @@ import faust
 
 from abdag.settings import Settings
 from abdag.stack.broker import started_at, workers_dir
-from topics.admin import BrokerMetadata, BrokerUnreachable, admin_client, broker_metadata
+from abdag.topics.admin import BrokerMetadata, BrokerUnreachable, admin_client, broker_metadata
 
 log = logging.getLogger("abdag.broker")
 
@@ -72,7 +72,7 @@ LIMITED_LOGGERS = (
     "aiokafka.consumer.consumer",
     "aiokafka.producer.sender",
     "faust.transport.drivers.aiokafka",
-    "abdag.rdkafka",  # the output producer's librdkafka log (agents.producer)
+    "abdag.rdkafka",  # the output producer's librdkafka log (abdag.agents.producer)
 )
 
 
@@ -128,7 +128,7 @@ def _clock(ts: float) -> str:
 
 class BrokerWatch(faust.Service):
     """Checks that the broker still has the DAG's topics and the storage they were made in
-    (see the module docstring); ``topics``: the DAG's topics (``agents.topology``)."""
+    (see the module docstring); ``topics``: the DAG's topics (``abdag.agents.topology``)."""
 
     def __init__(
         self,
@@ -224,7 +224,7 @@ class BrokerWatch(faust.Service):
         self, before_commit: Callable[[], Awaitable[None]] | None
     ) -> Callable[[], Awaitable[None]]:
         """``before_commit`` followed by a check of the broker, for the consumer's commit
-        gate (``agents.consumer``): offsets of a lost broker are never committed."""
+        gate (``abdag.agents.consumer``): offsets of a lost broker are never committed."""
 
         async def before_commit_then_check() -> None:
             if before_commit is not None:
@@ -252,7 +252,7 @@ class BrokerWatch(faust.Service):
 
     # -- start, stop, and what happens when the broker lost the topics --------------------
     async def on_start(self) -> None:
-        from topics.admin import ensure_topics
+        from abdag.topics.admin import ensure_topics
 
         loop = asyncio.get_running_loop()
         meta = await loop.run_in_executor(self._thread, self._metadata)
@@ -299,7 +299,7 @@ class BrokerWatch(faust.Service):
         os._exit(EXIT_BROKER_LOST)
 
     def _recreate_topics(self) -> str:
-        from topics.admin import ensure_topics
+        from abdag.topics.admin import ensure_topics
 
         try:
             ensure_topics(self.bootstrap, self.topics, self.partitions)
@@ -355,7 +355,7 @@ def _flush_logs() -> None:
 
 def register(app: faust.App, settings: Settings, dag: Any) -> BrokerWatch:
     """Create the DAG's :class:`BrokerWatch` and add it to ``app``'s services."""
-    from agents.topology import dag_topics
+    from abdag.agents.topology import dag_topics
 
     watch = BrokerWatch(
         settings,

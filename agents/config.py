@@ -5,7 +5,7 @@ Facts behind each value are in the project's broker notes:
   seconds, not the 30 s the defaults give;
 - Tansu's ListOffsets answers the first offset of the last record batch + 1, which made
   table changelogs recover stale; abdag's consumer reads changelog ends from a fetch
-  instead (:func:`agents.consumer.fetched_end_offsets`), so the producer batches as usual
+  instead (:func:`abdag.agents.consumer.fetched_end_offsets`), so the producer batches as usual
   (single-record batches, the earlier workaround, cost about half the throughput);
 - at-least-once, never exactly_once (Tansu refuses transactional producers); everything
   downstream tolerates re-delivery, and a short commit interval keeps re-deliveries few;

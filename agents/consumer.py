@@ -66,7 +66,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP, Message
 from mode.services import WaitResults
 
-from agents.config import FetchWait
+from abdag.agents.config import FetchWait
 
 log = logging.getLogger("abdag.consumer")
 RESEEKS = 3
@@ -75,7 +75,7 @@ REFETCH_AFTER = 5.0  # seconds an unacknowledged record may trail acknowledged o
 
 class _ConsumerThread(AIOKafkaConsumerThread):
     """Faust's consumer thread with the broker's fetch wait set by abdag, short while
-    records flow and long when idle (see :class:`agents.config.FetchWait`)."""
+    records flow and long when idle (see :class:`abdag.agents.config.FetchWait`)."""
 
     fetch_wait: FetchWait | None = None
     _assigned_raw: Any = None
@@ -370,10 +370,10 @@ def use_resume_at_committed_consumer(
 
     ``fetch_wait``: how long the broker may hold a fetch that finds no new records (Faust
     fixes it at 1500 ms, which on Tansu delayed each hop of the DAG by ~380 ms; see
-    :class:`agents.config.FetchWait`). ``end_offsets_from_fetch``: read
+    :class:`abdag.agents.config.FetchWait`). ``end_offsets_from_fetch``: read
     changelog ends with :func:`fetched_end_offsets` (Tansu). ``before_commit``: awaited
     before every offset commit; if it raises, nothing is committed and the worker crashes
-    (``agents.producer``: the agents' records must be delivered first).
+    (``abdag.agents.producer``: the agents' records must be delivered first).
     """
     consumer = type(
         "ResumeAtCommittedConsumer",

@@ -8,7 +8,7 @@ A DAG file reads in a few lines::
     b = dag.model("fraud_b", tx, path="fraud_b.pt", inputs=features, output="sigmoid")
     dag.compare("a_vs_b", a=a, b=b, labels=dag.labels("chargebacks"), task="binary")
 
-Each node becomes one Faust agent (see :mod:`agents.app`) consuming its input's topic and
+Each node becomes one Faust agent (see :mod:`abdag.agents.app`) consuming its input's topic and
 publishing to its own, keyed by request id. Nothing runs until :meth:`Dag.validate` passed.
 
 >>> dag = Dag("demo")
@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.errors import DagError
-from comparators.tasks import TASKS  # noqa: F401 - declared once there, read here too
-from topics import Event, check_name
+from abdag.agents.errors import DagError
+from abdag.comparators.tasks import TASKS  # noqa: F401 - declared once there, read here too
+from abdag.topics import Event, check_name
 
 OUTPUTS = ("sigmoid", "probability", "softmax", "value", "raw")
 
@@ -92,7 +92,7 @@ class Comparison(Node):
     margin: float = 0.0
     snapshot_every: int = 1000
     snapshot_interval: float = 5.0
-    mode: str = "shadow"  # 'shadow' | 'split': who serves, see comparators.decisions
+    mode: str = "shadow"  # 'shadow' | 'split': who serves, see abdag.comparators.decisions
     split: float = 0.0
     group: str = ""  # champion-and-challengers group this comparison belongs to
     group_size: int = 1

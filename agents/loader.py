@@ -1,4 +1,4 @@
-"""Reading a DAG file: a Python file that builds a :class:`~agents.dag.Dag`.
+"""Reading a DAG file: a Python file that builds a :class:`~abdag.agents.dag.Dag`.
 
 The file runs with its own directory first on ``sys.path`` (so it can import helpers next
 to it) and model paths relative to it resolve against that directory. Any failure becomes
@@ -11,9 +11,13 @@ import runpy
 import sys
 from pathlib import Path
 
-from agents.dag import Dag, ModelNode
-from agents.errors import DagError
-from agents.model_source import is_registry_ref
+from abdag.agents.dag import Dag, ModelNode
+from abdag.agents.errors import DagError
+from abdag.agents.model_source import is_registry_ref
+
+# Top-level packages of abdag before everything moved under ``abdag.`` (2026-12): a DAG file
+# written for them gets a hint instead of a bare ModuleNotFoundError.
+_MOVED = ("agents", "topics", "models", "comparators")
 
 
 def load_dag(path: str | Path) -> Dag:
@@ -30,6 +34,16 @@ def load_dag(path: str | Path) -> Dag:
         raise
     except SyntaxError as exc:
         raise DagError(f"syntax error on line {exc.lineno}: {exc.msg}", file=str(path)) from None
+    except ImportError as exc:
+        hint = ""
+        if exc.name and exc.name.split(".")[0] in _MOVED:
+            hint = (
+                f"; abdag's modules import as abdag.{exc.name.split('.')[0]}... (a DAG file "
+                "starts with `from abdag import Dag`)"
+            )
+        raise DagError(
+            f"the file failed to run: {type(exc).__name__}: {exc}{hint}", file=str(path)
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's file failed while building the DAG
         raise DagError(
             f"the file failed to run: {type(exc).__name__}: {exc}", file=str(path)

@@ -33,7 +33,7 @@ def resolve(node, settings: Settings | None = None) -> ResolvedModel:
     """Resolve a model node's ``path`` to the file to load now."""
     if not is_registry_ref(node.path):
         return ResolvedModel(Path(node.path), "", node.model_class, node.model_kwargs, False)
-    from models.registry import ModelRegistry, parse_ref
+    from abdag.models.registry import ModelRegistry, parse_ref
 
     settings = settings or Settings.from_env()
     name, version = parse_ref(node.path[len(PREFIX) :])

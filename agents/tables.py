@@ -10,7 +10,7 @@ held write remembers the event that made it: its changelog record goes to that e
 partition, the one the key lives in (where Faust would send it).
 
 The flush returns the changelog records for the agent to send with its other output
-(librdkafka, behind the commit gate: ``agents.producer``) instead of through Faust's
+(librdkafka, behind the commit gate: ``abdag.agents.producer``) instead of through Faust's
 producer, whose Python send path was ~12% of a busy comparison worker's samples. They are
 the records Faust writes (raw key, raw value, ``None`` to delete), so Faust recovers the
 table from them as ever.
@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from agents.producer import OutRecord
+from abdag.agents.producer import OutRecord
 
 _DELETED = object()
 

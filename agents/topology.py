@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agents.dag import Comparison, Dag, LabelSource, Source
-from topics import (
+from abdag.agents.dag import Comparison, Dag, LabelSource, Source
+from abdag.topics import (
     dead_letter_topic,
     input_topic,
     node_topic,

@@ -12,7 +12,7 @@ import time
 
 import orjson
 
-from agents.dag import (
+from abdag.agents.dag import (
     OUTPUTS,
     TASKS,
     Comparison,
@@ -23,8 +23,8 @@ from agents.dag import (
     Source,
     Transform,
 )
-from agents.errors import DagError
-from topics import BadRecord, Event, Prediction, fields_of, request_from_raw
+from abdag.agents.errors import DagError
+from abdag.topics import BadRecord, Event, Prediction, fields_of, request_from_raw
 
 
 def validate(dag: Dag, *, load_models: bool = True) -> None:
@@ -76,7 +76,7 @@ def _check_node(dag: Dag, node: Node) -> None:
         if node.task not in TASKS:
             raise _fail(dag, node, f"task must be one of {TASKS}, got {node.task!r}")
         if node.metrics is not None:
-            from comparators.metric_specs import specs_for
+            from abdag.comparators.metric_specs import specs_for
 
             try:
                 specs_for(node.task, node.metrics)
@@ -118,8 +118,8 @@ def _sample(dag: Dag, source: Source) -> dict | None:
 
 
 def _dry_run(dag: Dag, order: list[Node]) -> None:
-    from agents.model_source import resolve
-    from models import BatchRunner, ModelError, load_model
+    from abdag.agents.model_source import resolve
+    from abdag.models import BatchRunner, ModelError, load_model
 
     events: dict[str, Event | None] = {}
     for node in order:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import orjson
 
+from abdag.agents.loader import load_dag
+from abdag.agents.topology import dag_topics
 from abdag.demo.fraud import generate
-from agents.loader import load_dag
-from agents.topology import dag_topics
+from abdag.topics import input_topic
 from bench._harness import (
     PairStats,
     Record,
@@ -31,7 +32,6 @@ from bench._harness import (
     unique_name,
     wait_pairs,
 )
-from topics import input_topic
 
 STAGE_PAIRED, STAGE_LABELLED = 2, 3
 

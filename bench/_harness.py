@@ -53,9 +53,9 @@ from abdag.clickhouse import connect
 from abdag.settings import Settings
 from abdag.stack import LocalStack
 from abdag.stack.processes import free_port
-from topics.admin import ensure_topics
-from topics.packs import is_pack, packs_by_partition, partition_for, unpack
-from topics.producer import pace
+from abdag.topics.admin import ensure_topics
+from abdag.topics.packs import is_pack, packs_by_partition, partition_for, unpack
+from abdag.topics.producer import pace
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -190,7 +190,7 @@ def produce_packs(
     bootstrap: str, topic: str, make: Callable[[int], Record], n: int, *, per_pack: int = 100
 ) -> None:
     """Send ``make(i)`` for ``i < n`` to a node topic as an upstream node does under load:
-    packs of ``per_pack`` records (topics.packs), each in its keys' partition."""
+    packs of ``per_pack`` records (abdag.topics.packs), each in its keys' partition."""
     entries = []
     for i in range(n):
         key, value = make(i)

@@ -12,7 +12,7 @@ Figures, all from one run on one private stack (bench._harness.local_stack):
 * **comparison node alone**: the same worker; abdag events carrying model A's (resp. B's)
   prediction and the labels are written straight to the node topics the join reads
   (``abdag.<dag>.model_a`` / ``model_b`` / ``labels``), in packs of 100 as the model and
-  label nodes send them under load (topics.packs), so only the join agent and the
+  label nodes send them under load (abdag.topics.packs), so only the join agent and the
   ClickHouse sinks work. Pairs/s = (n - 1) / (newest ``paired_ts`` - the join table's
   first changelog record of a measured request), so reading the labels and A outputs
   counts (see :func:`join_only`). Each pair is three events in (A, B, label), against one
@@ -25,8 +25,8 @@ Figures, all from one run on one private stack (bench._harness.local_stack):
 * **raw consume**: a confluent-kafka consumer reading 50,000 request records (the same
   bytes) from the start of a topic: records / wall time from the first batch received to
   the last record.
-* **sink**: ``comparators.sink.ClickHouseSink.write`` of N pair rows (built with
-  ``comparators.rows.pair_row`` / ``to_insert_values`` from real ``PairJoin`` emissions) in
+* **sink**: ``abdag.comparators.sink.ClickHouseSink.write`` of N pair rows (built with
+  ``abdag.comparators.rows.pair_row`` / ``to_insert_values`` from real ``PairJoin`` emissions) in
   batches of 5000 (the pairs sink agent's ``take(5000)``), after one 1-row write that
   connects and runs ``ensure_schema`` (a worker pays that once), against
   ``clickhouse_connect`` ``client.insert`` of the same rows and batches with one insert
@@ -50,8 +50,13 @@ from pathlib import Path
 
 import orjson
 
+from abdag.agents.dag import Comparison
+from abdag.comparators.join import PairJoin
+from abdag.comparators.rows import PAIR_COLUMNS, pair_row, to_insert_values
+from abdag.comparators.schema import ensure_schema
+from abdag.comparators.sink import ClickHouseSink
 from abdag.demo.fraud import train_models
-from agents.dag import Comparison
+from abdag.topics import Event, Label, Prediction, encode, node_topic
 from bench._ab import AbDag, FraudStream, measure, warm_up
 from bench._harness import (
     Result,
@@ -71,11 +76,6 @@ from bench._harness import (
     wait_pairs,
 )
 from bench._harness import passthrough_run as _passthrough_run
-from comparators.join import PairJoin
-from comparators.rows import PAIR_COLUMNS, pair_row, to_insert_values
-from comparators.schema import ensure_schema
-from comparators.sink import ClickHouseSink
-from topics import Event, Label, Prediction, encode, node_topic
 
 SINK_BATCH = 5000
 RAW_CONSUME_RECORDS = 50_000

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from abdag.demo.fraud import train_models
+from abdag.models import BatchRunner, load_model
 from bench._ab import AbDag, FraudStream, IndexStream, measure, warm_up
 from bench._harness import (
     CpuShare,
@@ -66,11 +67,10 @@ from bench._harness import (
     unique_name,
 )
 from bench.offline_torch import MLP, _save, item_shape, runner_throughput
-from models import BatchRunner, load_model
 
 BIG_AB_DAG = """
 import torch
-from agents import Dag
+from abdag import Dag
 
 X = torch.randn(64, *{shape}, generator=torch.Generator().manual_seed(0))
 
@@ -90,7 +90,7 @@ dag.compare("ab", a=a, b=b, task="binary", join_timeout=30.0)
 
 MANY_DAG_HEAD = """
 from abdag.demo.fraud import features_tensor
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")

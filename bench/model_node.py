@@ -16,7 +16,7 @@ Three figures, taken in one run on one private stack (bench._harness.local_stack
    picks a row of a fixed random matrix, so the model's cost, not JSON parsing of 512
    floats, is measured.
 3. **pass-through**: ``bench.passthrough`` (consume raw, send raw, same Faust settings as
-   ``agents.config.faust_settings``) on the same input bytes, in ``plain`` and ``batched``
+   ``abdag.agents.config.faust_settings``) on the same input bytes, in ``plain`` and ``batched``
    forms: the ceiling Faust itself puts on any node on this machine.
 
 Throughput = (n - 1) / (t_last - t_first) over the output records' timestamps, after a
@@ -46,8 +46,10 @@ from pathlib import Path
 import orjson
 import torch
 
-from agents.loader import load_dag
-from agents.topology import dag_topics
+from abdag.agents.loader import load_dag
+from abdag.agents.topology import dag_topics
+from abdag.models import BatchRunner, apply_cpu_threads, load_model
+from abdag.topics import Event, encode, node_topic
 from bench._harness import (
     MakeRecord,
     Result,
@@ -64,12 +66,10 @@ from bench._harness import (
     unique_name,
 )
 from bench.offline_torch import MLP, _save, offline_throughput, runner_throughput
-from models import BatchRunner, apply_cpu_threads, load_model
-from topics import Event, encode, node_topic
 
 DAG = """
 import torch
-from agents import Dag
+from abdag import Dag
 
 X = torch.randn({rows}, {features}, generator=torch.Generator().manual_seed(0))
 

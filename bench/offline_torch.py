@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import BatchRunner, LoadedModel, TensorSpec, load_model
+from abdag.models import BatchRunner, LoadedModel, TensorSpec, load_model
 
 BATCH_SIZES = (1, 8, 32, 128, 512)
 

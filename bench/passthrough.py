@@ -1,9 +1,9 @@
 """A minimal Faust pass-through worker: the reference every node is compared against.
 
 One agent consumes raw bytes from one topic and sends the same key and value to another,
-with exactly the Faust settings of an abdag worker (:func:`agents.config.faust_settings`)
-and its interpreter settings (:func:`agents.config.tune_interpreter`,
-:func:`agents.config.freeze_startup_heap`).
+with exactly the Faust settings of an abdag worker (:func:`abdag.agents.config.faust_settings`)
+and its interpreter settings (:func:`abdag.agents.config.tune_interpreter`,
+:func:`abdag.agents.config.freeze_startup_heap`).
 Three forms:
 
 * ``plain``: ``async for event in stream.events(): await out.send(...)``, the textbook agent;
@@ -24,8 +24,13 @@ import sys
 
 import faust
 
+from abdag.agents.config import (
+    faust_settings,
+    freeze_startup_heap,
+    hold_log_level,
+    tune_interpreter,
+)
 from abdag.settings import Settings
-from agents.config import faust_settings, freeze_startup_heap, hold_log_level, tune_interpreter
 from bench._harness import PARTITIONS
 
 TAKE_MAX = 500

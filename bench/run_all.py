@@ -46,14 +46,14 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
   its outputs' span, which leaves its start and tail out (a stricter comparison).
 - **Latency** = `paired_ts - request_ts` per request, `request_ts` being the `ts` the
   producer put in the event at send time; request i is sent at `start + i / rate`
-  (`topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
+  (`abdag.topics.producer.pace`; runs before 2026-11-23 09:00 were sent faster than their rate).
 - **Peak RSS** = `VmHWM` of the worker process from `/proc/<pid>/status`.
-- Between nodes, records travel in packs (`topics.packs`, since 2026-11-23 11:40: one
+- Between nodes, records travel in packs (`abdag.topics.packs`, since 2026-11-23 11:40: one
   record per partition and batch, not per request); the comparison node alone is fed
   packs of 100 as the model nodes send them under load. Earlier figures had one record
   per request on every topic.
 - Workers (and the pass-through) run with the worker's interpreter settings
-  (`agents.config.tune_interpreter`): since 2026-11-23 17:30 these include fewer
+  (`abdag.agents.config.tune_interpreter`): since 2026-11-23 17:30 these include fewer
   garbage collections, which took ~11% of a busy worker's CPU.
 - **Scale-out** (since 2026-11-23 19:00) runs two MLPs 512-2048-2048-1 over 16 steps per
   request: compute-bound, the machine alone scales it ~1.95x on 2 cores. Before, two MLPs

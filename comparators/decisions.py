@@ -95,7 +95,7 @@ def decide_retirement(
     client: Any, experiment: str, *, force: bool = False, note: str = ""
 ) -> Decision:
     """Retire challenger B when the verdict says it is worse (or ``force``); record it."""
-    from comparators.report import build_report
+    from abdag.comparators.report import build_report
 
     verdict = build_report(client, experiment, n_resamples=200).verdict
     if verdict.label != "B worse" and not force:
@@ -119,7 +119,7 @@ def decide_retirement(
 def _record(client: Any, d: Decision) -> None:
     from datetime import UTC, datetime
 
-    from comparators.schema import ensure_schema
+    from abdag.comparators.schema import ensure_schema
 
     ensure_schema(client)
     row = [
@@ -144,7 +144,7 @@ def decide_promotion(
     note: str = "",
 ) -> Decision:
     """Promote B if the report's verdict allows it (or ``force``); record the decision."""
-    from comparators.report import build_report
+    from abdag.comparators.report import build_report
 
     kwargs = {"margin": margin} if margin is not None else {}
     report = build_report(client, experiment, n_resamples=200, **kwargs)

@@ -23,7 +23,7 @@ True
 True
 
 What the join cannot use is never dropped silently: it raises
-:class:`~topics.records.BadRecord` (the caller dead-letters the record with that reason) for
+:class:`~abdag.topics.records.BadRecord` (the caller dead-letters the record with that reason) for
 a second event with a request id already seen but another payload (``digest``), a second
 label that differs from the first, and, from :meth:`PairJoin.expire`, a label whose
 request never came within ``label_timeout``.
@@ -31,7 +31,7 @@ request never came within ``label_timeout``.
 >>> join.offer_label("r1", 0.0, label_ts=7.0, now=7.0)
 Traceback (most recent call last):
 ...
-topics.records.BadRecord: conflicting label: request r1 already has label 1; label 0 not used
+abdag.topics.records.BadRecord: conflicting label: request r1 already has label 1; label 0 not used
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from comparators.labels import label_text
-from topics.records import BadRecord
+from abdag.comparators.labels import label_text
+from abdag.topics.records import BadRecord
 
 UNPAIRED, PAIRED, LABELLED = 1, 2, 3
 

@@ -11,14 +11,14 @@ impossible label (7 on a binary comparison) is a dead letter, never a metric inp
 >>> check_label("binary", 7.0)
 Traceback (most recent call last):
 ...
-topics.records.BadRecord: bad label: a binary label is 0 or 1 (or true/false), got 7
+abdag.topics.records.BadRecord: bad label: a binary label is 0 or 1 (or true/false), got 7
 """
 
 from __future__ import annotations
 
 import math
 
-from topics.records import BadRecord
+from abdag.topics.records import BadRecord
 
 
 def check_label(

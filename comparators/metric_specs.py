@@ -13,9 +13,9 @@ One small class per metric (after river's ``river/metrics/base.py``), registered
   the dashboard's curves (from ``offline`` unless the class knows an incremental form);
 * ``sql``: one ClickHouse aggregate over the labelled rows' columns ``y``, ``s{m}`` (score)
   and ``p{m}`` (class) of model ``{m}`` (``a`` or ``b``), see
-  :func:`comparators.report.metrics_sql`: the number the report (CLI and page) shows;
+  :func:`abdag.comparators.report.metrics_sql`: the number the report (CLI and page) shows;
 * :meth:`MetricSpec.live` ``(stats)``: the value from the mergeable statistics that
-  :class:`comparators.metrics.PairMetrics` keeps per model (:class:`LiveStats`): the shared
+  :class:`abdag.comparators.metrics.PairMetrics` keeps per model (:class:`LiveStats`): the shared
   river confusion matrix, loss and error sums, label moments, a score histogram. A metric
   costs nothing per pair beyond the statistic it names in ``live_state``.
 
@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from comparators.tasks import TASKS
+from abdag.comparators.tasks import TASKS
 
 __all__ = [
     "AVAILABLE_METRICS",
@@ -504,7 +504,7 @@ def cumulative_curves(
     """``<name>_a`` / ``<name>_b`` over the rows with ``t <= bucket``, for each bucket.
 
     ``rows``: the report's row columns ``y``, ``sa``, ``sb``, ``pa``, ``pb`` (see
-    :data:`comparators.report.ROWS_SQL`), ``t`` each row's bucket; ``buckets`` ascending.
+    :data:`abdag.comparators.report.ROWS_SQL`), ``t`` each row's bucket; ``buckets`` ascending.
     """
     order = np.argsort(np.asarray(t), kind="stable")
     ends = np.searchsorted(np.asarray(t)[order], np.asarray(buckets), side="right")

@@ -6,7 +6,7 @@ It is updated once per paired request and gives live values for dashboards
 (:meth:`PairMetrics.sufficient_stats`) so that partitions spread over several workers add up
 to the exact single-worker answer (:func:`merge_sufficient`, :func:`metrics_from_sufficient`).
 
-Each metric is defined once, in :mod:`comparators.metric_specs` (its live face reads the
+Each metric is defined once, in :mod:`abdag.comparators.metric_specs` (its live face reads the
 statistics below); this module keeps those statistics, once per pair. What is river and
 what is not, and why:
 
@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from river import metrics as rm
 
-from comparators.metric_specs import (
+from abdag.comparators.metric_specs import (
     AVAILABLE_METRICS,
     DEFAULT_METRICS,
     EPS,
@@ -80,7 +80,7 @@ from comparators.metric_specs import (
     hist_roc_auc,
     specs_for,
 )
-from comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
 
 __all__ = [
     "AVAILABLE_METRICS",
@@ -361,7 +361,7 @@ class PairMetrics:
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Current values: ``{"a": {...}, "b": {...}, "pair": {...}}``, each metric's live
-        value (:meth:`comparators.metric_specs.MetricSpec.live`)."""
+        value (:meth:`abdag.comparators.metric_specs.MetricSpec.live`)."""
         out: dict[str, dict[str, float]] = {}
         for m, side in self._side.items():
             hist = side["hist"]

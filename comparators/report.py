@@ -3,7 +3,7 @@
 Every number users see comes from the deduplicated ``pairs`` table (``pairs FINAL``: one
 row per request, the highest stage wins), so re-delivered rows and stage upgrades never
 count twice. Each metric's value is its SQL (``MetricSpec.sql`` in
-:mod:`comparators.metric_specs`, exact: ClickHouse's ``arrayROCAUC`` equals scikit-learn's
+:mod:`abdag.comparators.metric_specs`, exact: ClickHouse's ``arrayROCAUC`` equals scikit-learn's
 ``roc_auc_score`` and ``arrayAUCPR`` its ``average_precision_score``, ties included), over
 the row columns of ``ROW_COLUMNS``; the SQL is built with ``{experiment:String}``
 server-side parameters so that a CLI can print the SQL behind a number. Per-request rows
@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from comparators.metric_specs import (
+from abdag.comparators.metric_specs import (
     DEFAULT_METRICS,
     METRICS,
     cumulative_curves,
 )
-from comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
-from comparators.statistics import (
+from abdag.comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
+from abdag.comparators.statistics import (
     McNemarResult,
     SequentialResult,
     mcnemar_from_counts,
@@ -41,8 +41,8 @@ from comparators.statistics import (
     per_request_loss,
     sequential_test,
 )
-from comparators.tasks import DEFAULT_THRESHOLD, TASKS
-from comparators.verdict import Verdict, decide
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.comparators.verdict import Verdict, decide
 
 __all__ = [
     "DEAD_LETTERS_SQL",

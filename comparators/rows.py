@@ -10,7 +10,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from comparators.join import Emitted
+from abdag.comparators.join import Emitted
 
 PAIR_COLUMNS = [
     "experiment",

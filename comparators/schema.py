@@ -16,7 +16,7 @@ Six tables live in the client's current database:
 ``experiments``
     What each DAG declares about its comparisons (models, task, mode, margin, group).
 ``decisions``
-    Promotions and retirements, newest first per experiment (``comparators.decisions``).
+    Promotions and retirements, newest first per experiment (``abdag.comparators.decisions``).
 ``schema_version``
     The migrations applied.
 
@@ -131,7 +131,7 @@ TABLES: dict[str, Table] = {
             ("count", "UInt64"),
             ("source", "String"),
             ("original_size", "UInt64"),  # bytes of the refused record (its dead letter may
-            ("original_sha256", "String"),  # keep only the start of it: topics.records)
+            ("original_sha256", "String"),  # keep only the start of it: abdag.topics.records)
         ),
         "MergeTree",
         "(dag, ts)",

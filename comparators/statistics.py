@@ -12,7 +12,7 @@ far less noise than two independent samples would. Three tools:
   (``scipy.stats.bootstrap(paired=True)``).
 
 The metrics themselves (offline values included) are defined in
-:mod:`comparators.metric_specs`; AUC is computed there from ranks (Mann-Whitney U), so the
+:mod:`abdag.comparators.metric_specs`; AUC is computed there from ranks (Mann-Whitney U), so the
 runtime needs numpy and scipy only.
 
 >>> rng = np.random.default_rng(0)
@@ -34,7 +34,7 @@ import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 
-from comparators.metric_specs import (
+from abdag.comparators.metric_specs import (
     EPS,
     HIGHER_IS_BETTER,
     METRICS,
@@ -326,7 +326,7 @@ METRIC_FUNCTIONS: dict[str, tuple[MetricFn, str]] = {
     for k, m in METRICS.items()
     if not m.live_only
 }
-"""Each metric's offline value (:mod:`comparators.metric_specs`), by name."""
+"""Each metric's offline value (:mod:`abdag.comparators.metric_specs`), by name."""
 
 
 # --------------------------------------------------------------------- bootstrap

@@ -2,7 +2,7 @@
 
 Rule (``d = loss_a - loss_b`` per labelled request, positive = B better; ``[lower, upper]``
 the always-valid confidence sequence for mean(d) at level 1 - alpha, see
-:func:`comparators.statistics.sequential_test`; ``margin`` >= 0 the non-inferiority margin
+:func:`abdag.comparators.statistics.sequential_test`; ``margin`` >= 0 the non-inferiority margin
 in loss units):
 
 1. fewer than ``min_pairs`` labelled pairs -> 'not enough data';
@@ -22,7 +22,7 @@ side of keeping A in production.
 (mean 0 for 'B better', mean -margin for 'B not worse' / 'B worse'), or ``1 - p`` of
 McNemar when the guardrail decided; 0 for 'not enough data'.
 
->>> from comparators.statistics import sequential_test
+>>> from abdag.comparators.statistics import sequential_test
 >>> import numpy as np
 >>> d = np.random.default_rng(0).normal(0.1, 0.5, 2000)
 >>> v = decide(sequential_test(d))
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from comparators.statistics import McNemarResult, SequentialResult
+from abdag.comparators.statistics import McNemarResult, SequentialResult
 
 __all__ = ["LABELS", "Verdict", "decide"]
 

@@ -5,10 +5,17 @@ path) into a versioned ``LoadedModel``; ``BatchRunner`` validates items and runs
 in one forward call, turning every failure into a per-item reason.
 """
 
-from models.batching import OUTPUT_KINDS, BatchRunner, ItemInput, ItemResult, OutputKind, TensorSpec
-from models.device import apply_cpu_threads, resolve_device
-from models.errors import ModelError
-from models.loading import (
+from abdag.models.batching import (
+    OUTPUT_KINDS,
+    BatchRunner,
+    ItemInput,
+    ItemResult,
+    OutputKind,
+    TensorSpec,
+)
+from abdag.models.device import apply_cpu_threads, resolve_device
+from abdag.models.errors import ModelError
+from abdag.models.loading import (
     FORMATS,
     LoadedModel,
     detect_format,

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from models.loading import LoadedModel
+from abdag.models.loading import LoadedModel
 
 __all__ = ["OUTPUT_KINDS", "BatchRunner", "ItemInput", "ItemResult", "OutputKind", "TensorSpec"]
 

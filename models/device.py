@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from models.errors import ModelError
+from abdag.models.errors import ModelError
 
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -55,7 +55,7 @@ def apply_cpu_threads(value: str | int | None) -> int | None:
     >>> apply_cpu_threads("zero")
     Traceback (most recent call last):
     ...
-    models.errors.ModelError: ABDAG_TORCH_THREADS must be a whole number >= 1, got 'zero'
+    abdag.models.errors.ModelError: ABDAG_TORCH_THREADS must be a whole number >= 1, got 'zero'
     """
     if value is None or str(value).strip() == "":
         return None

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from models.device import resolve_device
-from models.errors import ModelError
+from abdag.models.device import resolve_device
+from abdag.models.errors import ModelError
 
 __all__ = [
     "FORMATS",

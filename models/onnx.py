@@ -3,7 +3,7 @@
 ONNX is an optional extra (``pip install abdag[onnx]``, which brings onnxruntime), so this
 module imports onnxruntime only when a model is loaded, and says how to install it when it
 is missing. Sessions run on CPU; inputs are cast to the dtypes the graph declares and the
-first output comes back as a torch tensor, so :class:`~models.batching.BatchRunner` treats
+first output comes back as a torch tensor, so :class:`~abdag.models.batching.BatchRunner` treats
 an ONNX model like any other.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from models.errors import ModelError
-from models.loading import LoadedModel, file_version
+from abdag.models.errors import ModelError
+from abdag.models.loading import LoadedModel, file_version
 
 __all__ = ["INSTALL_HINT", "ONNXModule", "load_onnx", "looks_like_onnx", "onnxruntime_available"]
 

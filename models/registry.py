@@ -32,10 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.errors import ModelError
+from abdag.models.errors import ModelError
 
 if TYPE_CHECKING:
-    from models.loading import LoadedModel
+    from abdag.models.loading import LoadedModel
 
 __all__ = [
     "META_FILE",
@@ -235,7 +235,7 @@ class ModelRegistry:
                     raise ModelError(f"{label} must be JSON-serialisable: {exc}") from exc
         fmt = self._format(source, fmt)
         if fmt == "state_dict":
-            from models.loading import refuse_raw_pickle
+            from abdag.models.loading import refuse_raw_pickle
 
             refuse_raw_pickle(source)  # a plain pickle.dump is no state_dict
         if fmt == "state_dict" and not model_class:
@@ -281,7 +281,7 @@ class ModelRegistry:
 
     @staticmethod
     def _format(source: Path, fmt: str | None) -> str:
-        from models.onnx import looks_like_onnx
+        from abdag.models.onnx import looks_like_onnx
 
         if fmt is not None and fmt not in REGISTRY_FORMATS:
             raise ModelError(f"format must be one of {REGISTRY_FORMATS}, got {fmt!r}")
@@ -289,7 +289,7 @@ class ModelRegistry:
             if not looks_like_onnx(source):
                 raise ModelError(f"{source}: not an ONNX model (no ONNX ModelProto header)")
             return "onnx"
-        from models.loading import detect_format
+        from abdag.models.loading import detect_format
 
         found = detect_format(source)
         if fmt is not None and fmt != found:
@@ -301,12 +301,12 @@ class ModelRegistry:
         source: Path, fmt: str, model_class: str | None, model_kwargs: dict[str, Any] | None
     ) -> None:
         if fmt == "onnx":
-            from models.onnx import load_onnx, onnxruntime_available
+            from abdag.models.onnx import load_onnx, onnxruntime_available
 
             if onnxruntime_available():  # else: checked when loaded (needs the extra)
                 load_onnx(source)
             return
-        from models.loading import load_model
+        from abdag.models.loading import load_model
 
         load_model(source, device="cpu", model_class=model_class, model_kwargs=model_kwargs)
 
@@ -362,10 +362,10 @@ class ModelRegistry:
         if _sha256(v.path) != v.sha256:
             raise ModelError(f"{v.ref}: {v.path} was modified after registration (sha256 differs)")
         if v.format == "onnx":
-            from models.onnx import load_onnx
+            from abdag.models.onnx import load_onnx
 
             return load_onnx(v.path, name=name, device=device)
-        from models.loading import load_model
+        from abdag.models.loading import load_model
 
         return load_model(
             v.path,

@@ -15,7 +15,7 @@ from abdag.demo.fraud import feature_matrix
 
 COMPARE_DAG = """
 from abdag.demo.fraud import features_tensor
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")

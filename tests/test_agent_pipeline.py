@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from agents.app import _hand_over
+from abdag.agents.app import _hand_over
 
 
 def test_hand_over_puts_the_batch_when_the_queue_has_room():
@@ -53,14 +53,14 @@ def test_a_failed_inference_loop_raises_in_the_agent_instead_of_leaving_it_waiti
 def test_input_agents_may_hold_more_waiting_records_than_node_agents(tmp_path):
     """Input topics carry one request per record and get a deeper agent queue than Faust's
     default; node topics (packs) keep the default. Built offline: no broker is reached."""
+    from abdag.agents.app import INPUT_BUFFER, build_app
+    from abdag.agents.loader import load_dag
     from abdag.settings import Settings
-    from agents.app import INPUT_BUFFER, build_app
-    from agents.loader import load_dag
-    from topics import input_topic, node_topic
+    from abdag.topics import input_topic, node_topic
 
     dag_file = tmp_path / "dag.py"
     dag_file.write_text(
-        "from agents import Dag\n"
+        "from abdag import Dag\n"
         "dag = Dag('buffers', partitions=2)\n"
         "tx = dag.source('tx')\n"
         "clean = dag.transform('clean', tx, fn=lambda p: p)\n"

@@ -16,20 +16,20 @@ from confluent_kafka import Producer
 from sklearn import metrics as skm
 
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
+from abdag.comparators.schema import DEAD_LETTER_COUNT
 from abdag.demo.fraud import generate
-from comparators.report import build_report
-from comparators.schema import DEAD_LETTER_COUNT
+from abdag.topics import dead_letter_topic, input_topic
+from abdag.topics.producer import produce
+from abdag.topics.records import DEAD_LETTER_ORIGINAL_BYTES
 from tests.experiments import offline_scores, wait_for_counts
 from tests.workers import read_topic, start_worker, stop_worker
-from topics import dead_letter_topic, input_topic
-from topics.producer import produce
-from topics.records import DEAD_LETTER_ORIGINAL_BYTES
 
 pytestmark = pytest.mark.slow
 
 DAG = """
 from abdag.demo.fraud import features_tensor
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")

@@ -1,4 +1,4 @@
-"""A restart of the in-memory local broker under running workers (agents.broker_watch).
+"""A restart of the in-memory local broker under running workers (abdag.agents.broker_watch).
 
 The broker comes back empty: no topics, records or committed offsets. A worker must say so
 in one line, never commit its old offsets on the new broker (which made it and every later
@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from abdag.agents.broker_watch import EXIT_BROKER_LOST, BrokerWatch, RepeatLimiter
 from abdag.demo.fraud import generate
 from abdag.settings import Settings
 from abdag.stack import LocalStack, StackError
 from abdag.stack.broker import local_cluster_id
-from agents.broker_watch import EXIT_BROKER_LOST, BrokerWatch, RepeatLimiter
+from abdag.topics import input_topic
+from abdag.topics.admin import BrokerMetadata
+from abdag.topics.producer import produce
 from tests.conftest import make_settings
 from tests.experiments import wait_for_counts
 from tests.workers import start_worker, stop_worker, write_dag
-from topics import input_topic
-from topics.admin import BrokerMetadata
-from topics.producer import produce
 
 # label_timeout=2: requests wait 2 s for a label that never comes, so the ticks topic
 # carries records when the broker goes (the topic named in the report of this fault).

@@ -372,7 +372,7 @@ def test_default_database_is_a_plain_database(endpoint):
 
 
 def test_abdag_schema_migrations_inserts_and_destructive_ddl_still_work(endpoint):
-    from comparators.schema import TABLES, ensure_schema, schema_version
+    from abdag.comparators.schema import TABLES, ensure_schema, schema_version
 
     c = client(endpoint)
     c.command("CREATE DATABASE IF NOT EXISTS abdag_own")

@@ -15,8 +15,10 @@ from sklearn import metrics as skm
 from statsmodels.stats.contingency_tables import mcnemar
 
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
 from abdag.demo.fraud import generate
-from comparators.report import build_report
+from abdag.topics import input_topic
+from abdag.topics.producer import produce
 from tests.experiments import (
     offline_scores,
     pair_counts,
@@ -26,8 +28,6 @@ from tests.experiments import (
     write_compare_dag,
 )
 from tests.workers import start_worker, stop_worker
-from topics import input_topic
-from topics.producer import produce
 
 pytestmark = pytest.mark.slow
 N = 2000

@@ -9,9 +9,13 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from abdag.agents.config import FetchWait, fetch_wait
+from abdag.agents.consumer import (
+    fetched_end_offsets,
+    start_eagerly,
+    use_resume_at_committed_consumer,
+)
 from abdag.settings import Settings
-from agents.config import FetchWait, fetch_wait
-from agents.consumer import fetched_end_offsets, start_eagerly, use_resume_at_committed_consumer
 
 
 def test_changelog_end_offsets_are_read_from_a_fetch_not_from_list_offsets(stack):
@@ -50,8 +54,8 @@ import sys
 import faust
 
 from abdag.settings import Settings
-from agents.config import faust_settings
-from agents.consumer import use_resume_at_committed_consumer
+from abdag.agents.config import faust_settings
+from abdag.agents.consumer import use_resume_at_committed_consumer
 
 app_id, topic = sys.argv[1], sys.argv[2]
 app = faust.App(app_id, **faust_settings(Settings.from_env(), partitions=2, app_id=app_id))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agents import Dag
-from agents.validate import validate
-from topics import Event
+from abdag import Dag
+from abdag.agents.validate import validate
+from abdag.topics import Event
 
 
 def test_shadow_copies_the_chain_and_its_builder_reads_the_replacement():
@@ -27,7 +27,7 @@ def test_shadow_copies_the_chain_and_its_builder_reads_the_replacement():
 def test_an_unknown_metric_of_a_comparison_is_refused_at_validation():
     import pytest
 
-    from agents.errors import DagError
+    from abdag.agents.errors import DagError
 
     dag = Dag("m")
     src = dag.source("q")

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
+from abdag.comparators.rows import PAIR_COLUMNS, to_insert_values
+from abdag.comparators.schema import TABLES, ensure_schema
 from abdag.dashboard import make_server, serve
 from abdag.dashboard.data import pick_bucket
 from abdag.settings import Settings
 from abdag.stack.processes import free_port
-from comparators.report import build_report
-from comparators.rows import PAIR_COLUMNS, to_insert_values
-from comparators.schema import TABLES, ensure_schema
 
 DAG = "dashboard_test"
 EXPERIMENT = f"{DAG}.synthetic"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from abdag.agents.loader import load_dag
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
 from abdag.demo.fraud import generate
 from abdag.demo.run import DAG_FILE, EXPERIMENT, label_messages
 from abdag.stack import LocalStack
-from agents.loader import load_dag
-from comparators.report import build_report
 from tests.conftest import make_settings
 from tests.experiments import offline_scores
 

@@ -65,7 +65,7 @@ def test_dockerfile_copies_every_package_it_installs():
 
 
 def test_grafana_dashboard_queries_tables_of_the_schema():
-    from comparators.schema import TABLES
+    from abdag.comparators.schema import TABLES
 
     dash = json.loads((ROOT / "deploy/grafana/dashboards/abdag.json").read_text())
     names = set(TABLES)

@@ -19,12 +19,12 @@ import orjson
 import pytest
 import torch
 
+from abdag.agents import Comparison, Dag, DagError, ModelNode, Source
+from abdag.agents.loader import load_dag
+from abdag.agents.validate import validate
 from abdag.settings import Settings
-from agents import Comparison, Dag, DagError, ModelNode, Source
-from agents.loader import load_dag
-from agents.validate import validate
+from abdag.topics import Event, node_topic, request_from_raw
 from tests.workers import read_topic, start_worker, stop_worker
-from topics import Event, node_topic, request_from_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 MULTIMODAL = ROOT / "examples" / "multimodal"
@@ -107,7 +107,7 @@ def test_multimodal_shadow_copies_fusion_to_read_text_b(mm_dag: Dag) -> None:
 
 def _run_in_process(dag: Dag, raw_events: list[dict[str, Any]]) -> dict[str, list[Event]]:
     """Each node's output events, computed the way a worker does, without Kafka."""
-    from models import BatchRunner, load_model
+    from abdag.models import BatchRunner, load_model
 
     streams: dict[str, list[Event]] = {}
     for node in dag.topological():
@@ -145,7 +145,7 @@ def test_multimodal_branches_compute_on_their_own_text_model(mm_dag: Dag, mm: Mo
 
 
 def test_multimodal_models_come_in_both_formats(mm_models: Path) -> None:
-    from models import detect_format
+    from abdag.models import detect_format
 
     formats = {p.name: detect_format(p) for p in mm_models.iterdir()}
     assert formats == {
@@ -213,7 +213,7 @@ def test_multimodal_token_ids_as_floats_fail_validation_on_the_text_node(
 # -- validation errors name the file and the node -----------------------------------------
 BROKEN_TEMPLATE = """\
 import torch
-from agents import Dag
+from abdag import Dag
 
 dag = Dag("broken")
 src = dag.source("events", example={{"request_id": "r1", "x": [1.0, 2.0, 3.0, 4.0]}})

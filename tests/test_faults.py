@@ -16,12 +16,12 @@ from hypothesis.errors import NonInteractiveExampleWarning
 from sklearn import metrics as skm
 
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
 from abdag.demo.fraud import FEATURES, generate
-from comparators.report import build_report
+from abdag.topics import dead_letter_topic, input_topic, node_topic
+from abdag.topics.producer import produce
 from tests.experiments import offline_scores, pair_counts, wait_for_counts, write_compare_dag
 from tests.workers import produce_raw, read_topic, start_worker, stop_worker
-from topics import dead_letter_topic, input_topic, node_topic
-from topics.producer import produce
 
 pytestmark = pytest.mark.slow
 

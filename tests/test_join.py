@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from comparators.join import LABELLED, PAIRED, UNPAIRED, PairJoin
-from topics.records import BadRecord
+from abdag.comparators.join import LABELLED, PAIRED, UNPAIRED, PairJoin
+from abdag.topics.records import BadRecord
 
 
 def make(join_timeout=10.0, label_timeout=60.0, keep_done=30.0) -> PairJoin:

@@ -13,18 +13,18 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from agents.loader import load_dag
-from agents.topology import dag_topics
+from abdag.agents.loader import load_dag
+from abdag.agents.topology import dag_topics
+from abdag.topics import Event, Label, Prediction, encode, node_topic
+from abdag.topics.admin import ensure_topics
 from tests.experiments import wait_for_counts
 from tests.workers import start_worker, stop_worker
-from topics import Event, Label, Prediction, encode, node_topic
-from topics.admin import ensure_topics
 
 pytestmark = pytest.mark.slow
 K = 200  # requests
 
 DAG = """
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")

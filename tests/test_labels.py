@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from comparators.labels import check_label
-from topics.records import BadRecord
+from abdag.comparators.labels import check_label
+from abdag.topics.records import BadRecord
 
 
 @pytest.mark.parametrize(

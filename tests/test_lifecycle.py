@@ -12,19 +12,19 @@ import pytest
 from scipy.stats import binom
 
 from abdag.clickhouse import connect
+from abdag.comparators.decisions import PromotionRefused, decide_promotion, latest_decision
 from abdag.demo.fraud import generate
-from comparators.decisions import PromotionRefused, decide_promotion, latest_decision
-from models.registry import ModelRegistry
+from abdag.models.registry import ModelRegistry
+from abdag.topics import input_topic, node_topic, served_topic
+from abdag.topics.producer import produce
 from tests.experiments import wait_for_counts
 from tests.workers import read_topic, start_worker, stop_worker
-from topics import input_topic, node_topic, served_topic
-from topics.producer import produce
 
 pytestmark = pytest.mark.slow
 
 LIFECYCLE_DAG = """
 from abdag.demo.fraud import features_tensor
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")
@@ -138,8 +138,8 @@ def test_promote_cli_refuses_without_a_verdict_and_records_force(stack, tmp_path
     import subprocess
     import sys
 
-    from comparators.rows import PAIR_COLUMNS
-    from comparators.schema import ensure_schema
+    from abdag.comparators.rows import PAIR_COLUMNS
+    from abdag.comparators.schema import ensure_schema
 
     experiment = f"p{uuid.uuid4().hex[:6]}.ab"
     client = connect(stack)
@@ -188,8 +188,8 @@ def test_promote_cli_refuses_without_a_verdict_and_records_force(stack, tmp_path
 def test_the_newest_decision_of_each_experiment_is_read_in_one_query(stack):
     from datetime import UTC, datetime, timedelta
 
-    from comparators.decisions import DECISION_COLUMNS, latest_decisions
-    from comparators.schema import ensure_schema
+    from abdag.comparators.decisions import DECISION_COLUMNS, latest_decisions
+    from abdag.comparators.schema import ensure_schema
 
     client = connect(stack)
     ensure_schema(client)
@@ -211,7 +211,7 @@ def test_the_newest_decision_of_each_experiment_is_read_in_one_query(stack):
 
 CHALLENGERS_DAG = """
 from abdag.demo.fraud import features_tensor
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")
@@ -234,8 +234,8 @@ def test_champion_against_two_challengers_splits_alpha_and_retires_the_worse(
 ):
     import torch
 
-    from comparators.decisions import decide_retirement
-    from comparators.report import build_report, group_members
+    from abdag.comparators.decisions import decide_retirement
+    from abdag.comparators.report import build_report, group_members
 
     path_a, path_b = fraud_models
     inverted = torch.jit.script(_Inverted(torch.jit.load(str(path_a))))

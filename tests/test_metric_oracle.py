@@ -1,7 +1,7 @@
 """Every metric, every task: live == SQL == offline == scikit-learn on the same data.
 
 One parametrized oracle (after river's ``test_metrics.py``) over the registry
-``comparators.metric_specs.METRICS``: for each metric and each of its tasks, the live value
+``abdag.comparators.metric_specs.METRICS``: for each metric and each of its tasks, the live value
 of ``PairMetrics`` (and the same after merging partitions), the report's ClickHouse SQL on
 the real engine (the session stack), the offline numpy value the bootstrap resamples, the
 dashboard's cumulative curve, and scikit-learn agree. A metric added to the registry fails
@@ -19,13 +19,13 @@ import pytest
 from sklearn import metrics as skm
 
 from abdag.clickhouse import connect
-from comparators.metric_specs import METRICS, specs_for
-from comparators.metrics import PairMetrics, merge_sufficient, metrics_from_sufficient
-from comparators.report import metrics_sql
-from comparators.rows import PAIR_COLUMNS, to_insert_values
-from comparators.schema import ensure_schema
-from comparators.statistics import METRIC_FUNCTIONS
-from comparators.tasks import TASKS
+from abdag.comparators.metric_specs import METRICS, specs_for
+from abdag.comparators.metrics import PairMetrics, merge_sufficient, metrics_from_sufficient
+from abdag.comparators.report import metrics_sql
+from abdag.comparators.rows import PAIR_COLUMNS, to_insert_values
+from abdag.comparators.schema import ensure_schema
+from abdag.comparators.statistics import METRIC_FUNCTIONS
+from abdag.comparators.tasks import TASKS
 
 REL = 1e-9
 N = 700

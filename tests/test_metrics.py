@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from comparators.metrics import (
+from abdag.comparators.metrics import (
     DEFAULT_METRICS,
     LogHistogram,
     PairMetrics,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import (
+from abdag.models import (
     BatchRunner,
     ItemResult,
     LoadedModel,
@@ -566,7 +566,7 @@ def test_non_tensor_items_and_empty_input_are_handled(tmp_path):
 
 
 def test_torch_threads_setting_sets_torch_cpu_threads_and_refuses_bad_values():
-    from models import apply_cpu_threads
+    from abdag.models import apply_cpu_threads
 
     before = torch.get_num_threads()
     try:

@@ -19,7 +19,12 @@ import torch
 import yaml
 from torch import nn
 
+from abdag.agents.errors import DagError
+from abdag.agents.loader import load_dag
+from abdag.agents.topology import dag_topics
+from abdag.agents.validate import validate
 from abdag.clickhouse import connect
+from abdag.comparators.report import build_report
 from abdag.demo.fraud import FEATURES, generate
 from abdag.init import (
     InitResult,
@@ -29,15 +34,10 @@ from abdag.init import (
     smoke_run,
     synthetic_events,
 )
-from agents.errors import DagError
-from agents.loader import load_dag
-from agents.topology import dag_topics
-from agents.validate import validate
-from comparators.report import build_report
-from models import ModelError, load_model
-from models.onnx import onnxruntime_available
-from models.registry import ModelRegistry, parse_ref
-from topics import Event
+from abdag.models import ModelError, load_model
+from abdag.models.onnx import onnxruntime_available
+from abdag.models.registry import ModelRegistry, parse_ref
+from abdag.topics import Event
 
 
 class AnyWidth(nn.Module):

@@ -7,10 +7,10 @@ import asyncio
 import orjson
 import pytest
 
-from agents.producer import OutputProducer, OutRecord
+from abdag.agents.producer import OutputProducer, OutRecord
+from abdag.topics import BadRecord, DeadLetter, Event, decode_dead_letter, encode, event_from
+from abdag.topics.packs import is_pack, pack, packs_by_partition, partition_for, unpack
 from tests.test_producer import PARTITIONS, new_topic, read_all
-from topics import BadRecord, DeadLetter, Event, decode_dead_letter, encode, event_from
-from topics.packs import is_pack, pack, packs_by_partition, partition_for, unpack
 
 
 def _events(n: int, start: int = 0) -> list[bytes]:

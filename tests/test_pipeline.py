@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 
 from abdag.demo.fraud import generate
+from abdag.topics import dead_letter_topic, input_topic, node_topic
+from abdag.topics.packs import partition_for
+from abdag.topics.producer import produce
 from tests.workers import produce_raw, read_topic, start_worker, stop_worker, write_dag
-from topics import dead_letter_topic, input_topic, node_topic
-from topics.packs import partition_for
-from topics.producer import produce
 
 pytestmark = pytest.mark.slow
 
@@ -158,8 +158,8 @@ def test_a_bad_record_in_a_pack_is_dead_lettered_and_its_pack_mates_flow_on(
 
     import orjson
 
-    from topics import encode, request_from_raw
-    from topics.packs import pack
+    from abdag.topics import encode, request_from_raw
+    from abdag.topics.packs import pack
 
     name, dag_file = _dag(tmp_path, fraud_models)
     good, _ = generate(300, seed=5)
@@ -200,7 +200,7 @@ def test_an_input_records_headers_reach_its_served_answer_through_the_packs(
     import orjson
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from topics import served_topic
+    from abdag.topics import served_topic
 
     name = f"t{uuid.uuid4().hex[:8]}"
     extra = 'dag.compare("ab", a=a, b=b, labels=labels, task="binary")'

@@ -11,8 +11,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from agents.producer import DeliveryFailed, OutputProducer, OutRecord
-from topics.producer import produce
+from abdag.agents.producer import DeliveryFailed, OutputProducer, OutRecord
+from abdag.topics.producer import produce
 
 PARTITIONS = 4
 
@@ -174,7 +174,7 @@ def test_without_a_replacement_an_oversized_record_fails_the_commit_gate(stack):
 
 
 def test_the_record_limit_is_the_producers_when_the_broker_reports_none(stack):
-    from agents.producer import DEFAULT_MAX_RECORD_BYTES, record_limit
+    from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, record_limit
 
     # Tansu reports no configs: the worker keeps librdkafka's limit (and dead-letters above)
     assert record_limit(stack.broker, [new_topic(stack)], needed=600_000) == (
@@ -183,7 +183,7 @@ def test_the_record_limit_is_the_producers_when_the_broker_reports_none(stack):
 
 
 def test_a_broker_limit_under_what_abdag_sends_stops_the_worker_at_start(stack, monkeypatch):
-    import agents.producer as producer_module
+    import abdag.agents.producer as producer_module
 
     reported = (500_000, "max.message.bytes of topic abdag.x.tx.in")
     monkeypatch.setattr(producer_module, "broker_record_limit", lambda *a, **k: reported)

@@ -1,6 +1,6 @@
 """What the DAG entry makes of a user's raw input record: ids kept, ids assigned."""
 
-from topics import request_from_raw
+from abdag.topics import request_from_raw
 
 ORIGIN = "abdag.d.tx.in/2/17/1795391062034"
 

@@ -16,7 +16,7 @@ import pytest
 from sklearn import metrics as skm
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from comparators.report import (
+from abdag.comparators.report import (
     METRICS_SQL,
     OVERVIEW_SQL,
     REPORT_METRICS,
@@ -25,7 +25,7 @@ from comparators.report import (
     list_experiments,
     timeline,
 )
-from comparators.schema import (
+from abdag.comparators.schema import (
     PAIRS_COLUMNS,
     SCHEMA_VERSION,
     TABLES,
@@ -33,7 +33,7 @@ from comparators.schema import (
     pairs_source,
     schema_version,
 )
-from comparators.statistics import per_request_loss, sequential_test
+from abdag.comparators.statistics import per_request_loss, sequential_test
 
 REL = 1e-9
 COLS = [c for c, _ in PAIRS_COLUMNS]

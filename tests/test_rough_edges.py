@@ -26,25 +26,25 @@ import torch
 from torch import nn
 
 from abdag import cli
-from abdag.clickhouse import connect
-from abdag.dashboard import make_server
-from abdag.settings import Settings
-from abdag.stack.processes import free_port
-from agents import logfilters
-from agents.logfilters import (
+from abdag.agents import logfilters
+from abdag.agents.logfilters import (
     CLICKHOUSE_HTTP_LOGGER,
     FAUST_CONSUMER_LOGGER,
     DroppedMessage,
     install_log_filters,
 )
-from comparators.schema import ensure_schema
-from models import ModelError, load_model
+from abdag.clickhouse import connect
+from abdag.comparators.schema import ensure_schema
+from abdag.dashboard import make_server
+from abdag.models import ModelError, load_model
+from abdag.settings import Settings
+from abdag.stack.processes import free_port
+from abdag.topics import input_topic
 from tests.test_dashboard import _insert, _pair_rows
 from tests.workers import read_topic
-from topics import input_topic
 
 SOURCE_DAG = """
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx")
@@ -449,8 +449,8 @@ def test_a_legacy_torch_save_is_still_a_state_dict(tmp_path):
 def test_registering_a_raw_pickle_says_what_it_holds_not_state_dict(tmp_path):
     import pickle
 
-    from models import ModelError
-    from models.registry import ModelRegistry
+    from abdag.models import ModelError
+    from abdag.models.registry import ModelRegistry
 
     path = tmp_path / "model.pkl"
     path.write_bytes(pickle.dumps(torch.nn.Linear(2, 1)))

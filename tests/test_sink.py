@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from abdag.clickhouse import connect
-from comparators.sink import ClickHouseSink
+from abdag.comparators.sink import ClickHouseSink
 
 
 class CountingClient:

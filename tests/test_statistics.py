@@ -8,7 +8,7 @@ from scipy.stats import norm
 from sklearn import metrics as skm
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from comparators.statistics import (
+from abdag.comparators.statistics import (
     McNemarResult,
     average_precision,
     mcnemar_from_counts,
@@ -19,7 +19,7 @@ from comparators.statistics import (
     roc_auc,
     sequential_test,
 )
-from comparators.verdict import decide
+from abdag.comparators.verdict import decide
 
 
 def _binormal(n, d_a, d_b, seed, rho=0.5):

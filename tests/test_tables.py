@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from agents.producer import OutRecord
-from agents.tables import JsonTable
-from comparators.join import LABELLED, PairJoin
+from abdag.agents.producer import OutRecord
+from abdag.agents.tables import JsonTable
+from abdag.comparators.join import LABELLED, PairJoin
 
 CHANGELOG = "abdag-ab-join-changelog"
 

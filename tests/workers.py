@@ -11,11 +11,11 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from topics.packs import unpack
+from abdag.topics.packs import unpack
 
 TWO_MODEL_DAG = """
 from abdag.demo.fraud import features_tensor, generate
-from agents import Dag
+from abdag import Dag
 
 dag = Dag({name!r}, partitions=4)
 tx = dag.source("tx", sampler=lambda n, seed: generate(n, seed)[0])
@@ -63,7 +63,7 @@ def read_topic(
     bootstrap: str, topic: str, *, expect: int, partitions: int = 4, timeout: float = 60
 ) -> list[tuple[int, bytes | None, dict]]:
     """Read a topic from the start (assign, no group) until ``expect`` records or timeout;
-    the records of a pack (``topics.packs``) count one by one."""
+    the records of a pack (``abdag.topics.packs``) count one by one."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False}
     )

@@ -1,6 +1,6 @@
 """Event schemas and topic naming: what travels between a DAG's nodes, and where."""
 
-from topics.naming import (
+from abdag.topics.naming import (
     check_name,
     dead_letter_topic,
     input_topic,
@@ -9,7 +9,7 @@ from topics.naming import (
     served_topic,
     snapshots_topic,
 )
-from topics.records import (
+from abdag.topics.records import (
     SCHEMA_VERSION,
     BadRecord,
     DeadLetter,

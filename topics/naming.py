@@ -36,7 +36,7 @@ def input_topic(dag: str, source: str) -> str:
 
 
 def node_topic(dag: str, node: str) -> str:
-    """Where a node publishes its events, in packs (``topics.packs``), each request in the
+    """Where a node publishes its events, in packs (``abdag.topics.packs``), each request in the
     partition its id hashes to."""
     return f"abdag.{dag}.{node}"
 

@@ -17,7 +17,7 @@ partitioner of the Java client (murmur2, the one Faust and abdag's producer use 
 so a request is in the same partition number on every topic, as the comparison node's join
 needs.
 
->>> from topics.records import Event, encode, event_from
+>>> from abdag.topics.records import Event, encode, event_from
 >>> raw = pack([encode(Event("r1", 1.0, {"x": 1})), encode(Event("r2", 2.0, {"x": 2}))])
 >>> [event_from(item.body).request_id for item in unpack(raw)]
 ['r1', 'r2']
@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 import orjson
 from aiokafka.partitioner import murmur2
 
-from topics.records import SCHEMA_VERSION, BadRecord, load_json
+from abdag.topics.records import SCHEMA_VERSION, BadRecord, load_json
 
 # A pack stays well under Kafka's default 1 MB record limit; one record larger than this
-# goes alone (the DAG's entry refuses events over topics.records.MAX_EVENT_BYTES).
+# goes alone (the DAG's entry refuses events over abdag.topics.records.MAX_EVENT_BYTES).
 PACK_MAX_BYTES = 512 * 1024
 PACK_MAX_RECORDS = 1000
 

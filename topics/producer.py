@@ -15,8 +15,8 @@ from typing import Any, BinaryIO
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from topics.admin import BrokerUnreachable
-from topics.records import MAX_EVENT_BYTES
+from abdag.topics.admin import BrokerUnreachable
+from abdag.topics.records import MAX_EVENT_BYTES
 
 
 class BadEventFile(ValueError):

@@ -64,7 +64,7 @@ class Event:
     payload: dict[str, Any]
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # A hash of the payload made at the DAG's entry: two events with one request id and
-    # different payloads are told apart from one event read twice (comparators.join).
+    # different payloads are told apart from one event read twice (abdag.comparators.join).
     digest: str = ""
 
     def prediction(self, node: str) -> Prediction:
@@ -108,7 +108,7 @@ class DeadLetter:
     offset: int
     original: bytes
     ts: float
-    index: int = -1  # the refused record's place in a pack (topics.packs); -1: not in one
+    index: int = -1  # the refused record's place in a pack (abdag.topics.packs); -1: not in one
     original_size: int = -1  # bytes of the whole refused record (-1: written before 2026-12)
     original_sha256: str = ""
 
@@ -211,7 +211,7 @@ def _object(obj: Any) -> dict[str, Any]:
 
 
 def event_from(obj: Any) -> Event:
-    """An :class:`Event` from its parsed JSON (a record of a pack: ``topics.packs``)."""
+    """An :class:`Event` from its parsed JSON (a record of a pack: ``abdag.topics.packs``)."""
     body = _typed(_object(obj), "event")
     try:
         return Event(**body)
@@ -220,7 +220,7 @@ def event_from(obj: Any) -> Event:
 
 
 def label_from(obj: Any) -> Label:
-    """A :class:`Label` from its parsed JSON (a record of a pack: ``topics.packs``)."""
+    """A :class:`Label` from its parsed JSON (a record of a pack: ``abdag.topics.packs``)."""
     body = _typed(_object(obj), "label")
     try:
         return Label(**body)

@@ -1,7 +1,7 @@
 """A live web page for one A/B experiment, served from ClickHouse (``abdag dashboard``).
 
 The JSON it serves is built from the same code as ``abdag report``
-(:func:`comparators.report.build_report`), so the page and the CLI never disagree; the
+(:func:`abdag.comparators.report.build_report`), so the page and the CLI never disagree; the
 curves over time come from :mod:`abdag.dashboard.data`.
 """
 

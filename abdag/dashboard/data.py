@@ -3,7 +3,7 @@
 :func:`timeline_payload` gives what a person watching a live test needs per bucket of
 ``request_ts``: the cumulative value of each of the experiment's metrics for A and B (those
 the report shows that have a curve, each computed by its ``MetricSpec.cumulative`` in
-:mod:`comparators.metric_specs`), latency p50/p95 per model, agreement and flips, unpaired
+:mod:`abdag.comparators.metric_specs`), latency p50/p95 per model, agreement and flips, unpaired
 counts, label coverage and label delay, and the path of the always-valid confidence
 sequence behind the verdict.
 
@@ -28,8 +28,8 @@ import numpy as np
 
 # The report's row predicates and columns are reused on purpose: the dashboard must count
 # exactly the rows the report counts.
-from comparators.metric_specs import METRICS, cumulative_curves
-from comparators.report import (
+from abdag.comparators.metric_specs import METRICS, cumulative_curves
+from abdag.comparators.report import (
     _LABELLED,
     _SCORABLE,
     OVERVIEW_SQL,
@@ -39,9 +39,9 @@ from comparators.report import (
     experiment_settings,
     rows_sql,
 )
-from comparators.schema import PAIRS_DEDUP
-from comparators.statistics import confidence_sequence, per_request_loss
-from comparators.tasks import TASKS
+from abdag.comparators.schema import PAIRS_DEDUP
+from abdag.comparators.statistics import confidence_sequence, per_request_loss
+from abdag.comparators.tasks import TASKS
 
 __all__ = [
     "BUCKETS_SQL",
@@ -205,7 +205,7 @@ def _rows(client: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]
 def _sequential_path(task: str, rows: dict[str, np.ndarray], alpha: float) -> list[dict[str, Any]]:
     """The confidence sequence on mean(loss_a - loss_b) at the end of each label bucket.
 
-    Same construction as :func:`comparators.statistics.sequential_test` (running
+    Same construction as :func:`abdag.comparators.statistics.sequential_test` (running
     intersection after the burn-in, the current interval when it becomes empty), so the
     last point equals the report's sequential result.
     """

@@ -48,9 +48,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from abdag.clickhouse import ClickHouseUnreachable, connect
+from abdag.comparators.report import build_report, list_experiments
 from abdag.dashboard.data import TimelineError, timeline_payload
 from abdag.settings import Settings
-from comparators.report import build_report, list_experiments
 
 __all__ = ["DashboardServer", "make_server", "serve"]
 

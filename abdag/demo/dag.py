@@ -6,8 +6,8 @@ Model files come from ``ABDAG_DEMO_MODELS`` (the demo trains them there first).
 import os
 from pathlib import Path
 
+from abdag import Dag
 from abdag.demo.fraud import features_tensor, generate
-from agents import Dag
 
 MODELS = Path(os.environ.get("ABDAG_DEMO_MODELS", "models"))
 

@@ -72,8 +72,8 @@ def label_messages(events: list[dict], labels, seed: int, share: float) -> list[
 def send_traffic(settings: Settings, requests: int, seed: int, label_share: float) -> int:
     """Produce requests, then their labels later and shuffled; return labels sent."""
     from abdag.demo.fraud import generate
-    from topics import input_topic
-    from topics.producer import produce
+    from abdag.topics import input_topic
+    from abdag.topics.producer import produce
 
     events, labels = generate(requests, seed)
     produce(settings.broker, input_topic("fraud", "transactions"), events, total=requests)
@@ -119,11 +119,11 @@ def run_demo(
     label_share: float = 0.97,
     timeout: float = 600.0,
 ) -> int:
+    from abdag.agents.loader import load_dag
+    from abdag.agents.topology import dag_topics
+    from abdag.comparators.report import build_report
     from abdag.demo.fraud import train_models
-    from agents.loader import load_dag
-    from agents.topology import dag_topics
-    from comparators.report import build_report
-    from topics.admin import ensure_topics
+    from abdag.topics.admin import ensure_topics
 
     stack = LocalStack(settings)
     say("starting the local stack (Tansu broker + ClickHouse engine)")

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-_RESERVED = ("request_id", "ts")  # read by abdag itself (topics.records.request_from_raw)
+_RESERVED = ("request_id", "ts")  # read by abdag itself (abdag.topics.records.request_from_raw)
 
 
 @dataclass(frozen=True)

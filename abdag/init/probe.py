@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abdag.agents.dag import TASKS
+from abdag.agents.errors import DagError
 from abdag.init.inputs import InputSpec, input_vector, synthetic_events
-from agents.dag import TASKS
-from agents.errors import DagError
 
 if TYPE_CHECKING:
-    from models import LoadedModel
+    from abdag.models import LoadedModel
 
 _PROBE_ROWS = 2  # run the models on a batch of two, so a model ignoring the batch shows up
 
@@ -53,7 +53,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _probe(side: str, path: Path, build: Build, batch: Any) -> _Probe:
-    from models import ModelError, load_model
+    from abdag.models import ModelError, load_model
 
     probe = _Probe(f"model {side} ({path})")
     try:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abdag.agents.dag import Comparison, Dag, ModelNode, Source
+from abdag.agents.errors import DagError
+from abdag.comparators.schema import DEAD_LETTER_COUNT
 from abdag.init.inputs import synthetic_events
-from agents.dag import Comparison, Dag, ModelNode, Source
-from agents.errors import DagError
-from comparators.schema import DEAD_LETTER_COUNT
 
 if TYPE_CHECKING:
     from abdag.settings import Settings
@@ -58,8 +58,8 @@ def _class_count(node: ModelNode, event: dict[str, Any]) -> int:
     """k of a multiclass model, from one forward pass (labels must be 0..k-1)."""
     import orjson
 
-    from models import load_model
-    from topics import request_from_raw
+    from abdag.models import load_model
+    from abdag.topics import request_from_raw
 
     model = load_model(
         node.path, device="cpu", model_class=node.model_class, model_kwargs=node.model_kwargs
@@ -194,14 +194,14 @@ def smoke_run(
     seconds, experiment); raises :class:`SmokeError` with the counts when a request did not
     pair in time or the worker stopped.
     """
+    from abdag.agents.loader import load_dag
+    from abdag.agents.topology import dag_topics
+    from abdag.agents.validate import validate
     from abdag.clickhouse import connect
-    from agents.loader import load_dag
-    from agents.topology import dag_topics
-    from agents.validate import validate
-    from comparators.rows import experiment_name
-    from topics import input_topic
-    from topics.admin import ensure_topics
-    from topics.producer import produce
+    from abdag.comparators.rows import experiment_name
+    from abdag.topics import input_topic
+    from abdag.topics.admin import ensure_topics
+    from abdag.topics.producer import produce
 
     dag_file = Path(dag_file).resolve()
     dag = load_dag(dag_file)

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from abdag.agents.errors import DagError
 from abdag.init.inputs import InputSpec, input_spec_from_example, input_spec_from_schema
 from abdag.init.probe import Build, output_width, task_for
-from agents.errors import DagError
-from topics import check_name
+from abdag.topics import check_name
 
 SOURCE = "requests"
 LABELS = "labels"
@@ -87,7 +87,7 @@ per request, and `abdag report {name}.{comparison}` gives the verdict.
 import torch
 
 from abdag.init import synthetic_events
-from agents import Dag
+from abdag import Dag
 
 # The model input: these payload fields, in this order, as one float32 vector of {width}
 # values. Dots reach into nested objects, numbers index lists; a field holding a list of
@@ -267,9 +267,9 @@ def init_experiment(
         _dag_text(name, spec, task, output, relative, builds, partitions), encoding="utf-8"
     )
 
-    from agents.loader import load_dag
-    from agents.topology import dag_topics
-    from agents.validate import validate
+    from abdag.agents.loader import load_dag
+    from abdag.agents.topology import dag_topics
+    from abdag.agents.validate import validate
 
     dag = load_dag(dag_file)
     validate(dag)

@@ -7,7 +7,7 @@ there). So a restart of the local broker loses every topic, record and committed
 
 What makes such a restart visible: ``abdag up`` starts the broker with a cluster id that
 holds its start time (``abdag-local-<ms>``). A client sees the cluster id in every metadata
-answer, so a worker (:mod:`agents.broker_watch`) and ``abdag status`` can tell that the
+answer, so a worker (:mod:`abdag.agents.broker_watch`) and ``abdag status`` can tell that the
 broker they talk to is not the one the DAG's topics were made on. Apache Kafka keeps its
 cluster id for as long as it keeps its data, so the same test holds there.
 """
@@ -107,7 +107,7 @@ def workers_dir(run_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class WorkerRecord:
-    """What a worker wrote about itself (``agents.broker_watch``)."""
+    """What a worker wrote about itself (``abdag.agents.broker_watch``)."""
 
     pid: int
     dag: str

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from make_models import MODEL_FILES, image_array, sample_events, tokenize
 
-from agents import Dag
-from topics import Event
+from abdag import Dag
+from abdag.topics import Event
 
 MODELS = Path(os.environ.get("ABDAG_EXAMPLE_MODELS") or Path(__file__).parent / "models")
 MODELS = MODELS.resolve()  # relative to where you run abdag, not to this file
