@@ -148,15 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_log_filters()  # before any command: workers, the dashboard and sql log through it
-    settings = Settings.from_env().with_overrides(
-        broker=args.broker,
-        clickhouse_url=args.clickhouse_url,
-        data_dir=args.data_dir,
-        database=args.database,
-    )
     from abdag.commands import COMMANDS
 
     try:
+        settings = Settings.from_env().with_overrides(
+            broker=args.broker,
+            clickhouse_url=args.clickhouse_url,
+            data_dir=args.data_dir,
+            database=args.database,
+        )
         return COMMANDS[args.command](args, settings)
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,6 @@ never import the CLI back.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 
 from abdag.errors import UserError
@@ -93,7 +92,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
     tune_interpreter()
     try:
-        apply_cpu_threads(os.environ.get("ABDAG_TORCH_THREADS"))
+        apply_cpu_threads(settings.torch_threads)
     except ModelError as exc:
         raise UserError(str(exc)) from exc
     dag = _load_valid_dag(args.dag_file)
@@ -253,11 +252,9 @@ def dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _registry(settings: Settings):
-    from pathlib import Path
-
     from abdag.models.registry import ModelRegistry
 
-    return ModelRegistry(Path(settings.data_dir) / "registry")
+    return ModelRegistry(settings.registry_dir())  # where workers read it too
 
 
 def _model_file(ref: str, settings: Settings):

@@ -26,7 +26,7 @@ from typing import Any
 import faust
 import orjson
 
-from abdag.agents.config import broker_kind, faust_settings, fetch_wait
+from abdag.agents.config import faust_settings, fetch_wait
 from abdag.agents.consumer import use_resume_at_committed_consumer
 from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
 from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
@@ -155,7 +155,7 @@ class DagRuntime:
         use_resume_at_committed_consumer(
             self.app,
             fetch_wait=fetch_wait(settings),
-            end_offsets_from_fetch=broker_kind(settings) == "tansu",
+            end_offsets_from_fetch=settings.broker_kind == "tansu",
             before_commit=self.broker_watch.guard(self.output.delivered),
         )
         self.app.service(_Stopper(self))

@@ -62,7 +62,6 @@ METADATA_TIMEOUT_S = 2.0
 EXIT_BROKER_LOST = 75  # EX_TEMPFAIL: start the worker again
 RESUME_LIMIT = 3
 RESUME_WINDOW_S = 600.0
-ENV_POLICY = "ABDAG_ON_BROKER_LOSS"  # 'resume' (default) or 'stop'
 ENV_RESUMES = "ABDAG_BROKER_RESUMES"  # when this worker restarted itself (epoch seconds)
 LIMITED_LOGGERS = (
     "aiokafka",
@@ -314,7 +313,7 @@ class BrokerWatch(faust.Service):
         return [t for t in earlier if now - t < RESUME_WINDOW_S] + [now]
 
     def _may_resume(self, resumes: list[float]) -> bool:
-        if os.environ.get(ENV_POLICY, "resume").lower() == "stop":
+        if self.settings.on_broker_loss == "stop":
             return False
         started_by_cli = sys.argv[:1] == ["abdag worker"]  # set by `abdag worker`
         return (

@@ -57,23 +57,15 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def broker_kind(settings: Settings) -> str:
-    """'tansu' (the embedded broker) or 'kafka'; env ABDAG_BROKER_KIND, default tansu."""
-    kind = os.environ.get("ABDAG_BROKER_KIND", "tansu").lower()
-    if kind not in ("tansu", "kafka"):
-        raise ValueError(f"ABDAG_BROKER_KIND must be 'tansu' or 'kafka', got {kind!r}")
-    return kind
-
-
 def faust_settings(settings: Settings, *, partitions: int, app_id: str) -> dict[str, Any]:
     datadir = Path(settings.data_dir, "faust").resolve()
     datadir.mkdir(parents=True, exist_ok=True)
-    session = float(os.environ.get("ABDAG_SESSION_TIMEOUT", "4"))
+    session = settings.session_timeout
     conf: dict[str, Any] = {
         "broker": [f"kafka://{hp.strip()}" for hp in settings.broker.split(",")],
         "store": "memory://",
         "topic_partitions": partitions,
-        "topic_replication_factor": int(os.environ.get("ABDAG_REPLICATION", "1")),
+        "topic_replication_factor": settings.replication,
         "topic_allow_declare": True,
         "consumer_auto_offset_reset": "earliest",
         "broker_session_timeout": session,
@@ -133,16 +125,10 @@ def fetch_wait(settings: Settings) -> FetchWait | None:
     with a fixed 40 ms. 40 ms while busy cost throughput where the broker shares the cores
     with the models: two pinned model-bound workers made 158-172 pairs/s against 197-202
     with 500 or 100. Faust's own 1500 ms cost ~380 ms per hop."""
-    value = os.environ.get("ABDAG_FETCH_MAX_WAIT_MS")
-    if value is not None:
-        try:
-            ms = int(value)
-        except ValueError:
-            raise ValueError(
-                f"ABDAG_FETCH_MAX_WAIT_MS must be a whole number of milliseconds, got {value!r}"
-            ) from None
+    ms = settings.fetch_max_wait_ms
+    if ms is not None:
         return FetchWait(busy_ms=ms, idle_ms=ms)
-    if broker_kind(settings) == "tansu":
+    if settings.broker_kind == "tansu":
         return FetchWait(busy_ms=BUSY_FETCH_WAIT_MS, idle_ms=IDLE_FETCH_WAIT_MS)
     return None
 

@@ -117,27 +117,21 @@ def test_a_failed_delivery_gate_commits_nothing_and_stops_the_worker(stack, stac
     assert [tp.offset for tp in committed] == [-1001, -1001]  # nothing committed
 
 
-def test_fetch_wait_is_short_while_records_flow_on_tansu_and_fixed_by_the_environment(
-    monkeypatch,
-):
-    settings = Settings.from_env()
-    monkeypatch.delenv("ABDAG_FETCH_MAX_WAIT_MS", raising=False)
-    monkeypatch.setenv("ABDAG_BROKER_KIND", "tansu")
-    wait = fetch_wait(settings)
+def test_fetch_wait_is_short_while_records_flow_on_tansu_and_fixed_by_the_environment():
+    wait = fetch_wait(Settings.from_env({"ABDAG_BROKER_KIND": "tansu"}))
     assert (wait.busy_ms, wait.idle_ms) == (100, 500)
     assert wait.after_fetch(got_records=False, now=0.0) == 500  # nothing seen yet: idle
     assert wait.after_fetch(got_records=True, now=1.0) == 100
     assert wait.after_fetch(got_records=False, now=2.9) == 100
     assert wait.after_fetch(got_records=False, now=3.1) == 500
 
-    monkeypatch.setenv("ABDAG_BROKER_KIND", "kafka")  # Kafka answers held fetches at once
-    assert fetch_wait(settings) is None
+    kafka = Settings.from_env({"ABDAG_BROKER_KIND": "kafka"})  # Kafka answers held fetches
+    assert fetch_wait(kafka) is None
 
-    monkeypatch.setenv("ABDAG_FETCH_MAX_WAIT_MS", "50")
-    assert fetch_wait(settings) == FetchWait(busy_ms=50, idle_ms=50)
-    monkeypatch.setenv("ABDAG_FETCH_MAX_WAIT_MS", "fast")
-    with pytest.raises(ValueError, match="ABDAG_FETCH_MAX_WAIT_MS"):
-        fetch_wait(settings)
+    fixed = Settings.from_env({"ABDAG_FETCH_MAX_WAIT_MS": "50"})
+    assert fetch_wait(fixed) == FetchWait(busy_ms=50, idle_ms=50)
+    with pytest.raises(ValueError, match="ABDAG_FETCH_MAX_WAIT_MS must be a whole number"):
+        Settings.from_env({"ABDAG_FETCH_MAX_WAIT_MS": "fast"})
 
 
 def test_a_coroutine_that_never_waits_finishes_in_the_callers_turn():

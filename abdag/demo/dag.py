@@ -3,13 +3,11 @@
 Model files come from ``ABDAG_DEMO_MODELS`` (the demo trains them there first).
 """
 
-import os
-from pathlib import Path
-
 from abdag import Dag
 from abdag.demo.fraud import features_tensor, generate
+from abdag.settings import Settings
 
-MODELS = Path(os.environ.get("ABDAG_DEMO_MODELS", "models"))
+MODELS = Settings.from_env().demo_models
 
 dag = Dag("fraud", partitions=4)
 transactions = dag.source("transactions", sampler=lambda n, seed: generate(n, seed)[0])
