@@ -81,10 +81,10 @@ def topics(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("worker")
 def worker(args: argparse.Namespace, settings: Settings) -> int:
-    import sys
 
     from abdag.agents.app import REQUIRED_RECORD_BYTES, build_app
-    from abdag.agents.config import freeze_startup_heap, hold_log_level, tune_interpreter
+    from abdag.agents.config import freeze_startup_heap, tune_interpreter
+    from abdag.agents.faust_compat import hold_log_level, run_worker
     from abdag.agents.producer import RecordLimitTooSmall, record_limit
     from abdag.agents.topology import dag_topics
     from abdag.models import ModelError, apply_cpu_threads
@@ -104,14 +104,8 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError(str(exc)) from exc
     app, _ = build_app(dag, settings, max_record_bytes=limit)
     hold_log_level(app, args.loglevel)
-    argv = ["abdag worker", "worker", "--loglevel", args.loglevel]
-    if args.web_port:
-        argv += ["--web-port", str(args.web_port), "--web-host", "127.0.0.1"]
-    else:
-        argv.append("--without-web")
-    sys.argv = argv
     freeze_startup_heap()
-    app.main()
+    run_worker(app, args.loglevel, args.web_port)
     return 0
 
 

@@ -54,7 +54,7 @@ class Settings:
     )
     broker_kind: str = _setting(
         "tansu",
-        "`kafka` on Apache Kafka (drops the Tansu workarounds: agents/faust_compat.py)",
+        "`kafka` on Apache Kafka (drops the Tansu workarounds: agents/faust_compat/)",
         choices=("tansu", "kafka"),
     )
     session_timeout: float = _setting(4.0, "Kafka consumer session timeout, seconds", kind=float)

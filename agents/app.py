@@ -27,10 +27,9 @@ import faust
 import orjson
 
 from abdag.agents.config import faust_settings, fetch_wait
-from abdag.agents.consumer import use_resume_at_committed_consumer
 from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from abdag.agents.faust_compat import JsonTable, use_resume_at_committed_consumer
 from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
-from abdag.agents.tables import JsonTable
 from abdag.clickhouse import connect
 from abdag.comparators.decisions import served_side
 from abdag.comparators.join import PairJoin

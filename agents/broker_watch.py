@@ -223,7 +223,8 @@ class BrokerWatch(faust.Service):
         self, before_commit: Callable[[], Awaitable[None]] | None
     ) -> Callable[[], Awaitable[None]]:
         """``before_commit`` followed by a check of the broker, for the consumer's commit
-        gate (``abdag.agents.consumer``): offsets of a lost broker are never committed."""
+        gate (``abdag.agents.faust_compat.consumer``): offsets of a lost broker are never
+        committed."""
 
         async def before_commit_then_check() -> None:
             if before_commit is not None:

@@ -5,7 +5,8 @@ Facts behind each value are in the project's broker notes:
   seconds, not the 30 s the defaults give;
 - Tansu's ListOffsets answers the first offset of the last record batch + 1, which made
   table changelogs recover stale; abdag's consumer reads changelog ends from a fetch
-  instead (:func:`abdag.agents.consumer.fetched_end_offsets`), so the producer batches as usual
+  instead (:func:`abdag.agents.faust_compat.consumer.fetched_end_offsets`), so the producer
+  batches as usual
   (single-record batches, the earlier workaround, cost about half the throughput);
 - at-least-once, never exactly_once (Tansu refuses transactional producers); everything
   downstream tolerates re-delivery, and a short commit interval keeps re-deliveries few;
@@ -28,7 +29,6 @@ Facts behind each value are in the project's broker notes:
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -134,16 +134,3 @@ def fetch_wait(settings: Settings) -> FetchWait | None:
 
 
 LOG_LEVELS = {"crit": 50, "error": 40, "warn": 30, "info": 20, "debug": 10}
-
-
-def hold_log_level(app: Any, loglevel: str) -> None:
-    """Keep the worker's loggers at ``loglevel`` once Faust has set logging up.
-
-    Faust's worker (through mode) leaves the root logger at DEBUG and filters in the
-    handler, so every ``log.debug`` in aiokafka and Faust built a record only to drop it:
-    measured ~6% of a busy worker's CPU (py-spy, comparison node)."""
-    level = LOG_LEVELS[loglevel]
-
-    @app.task
-    async def set_log_level() -> None:
-        logging.getLogger().setLevel(level)

@@ -3,14 +3,15 @@
 Faust's producer is aiokafka's, in Python on the event loop: its send path was ~20% of a
 busy worker's time, and a Faust pass-through agent sending with a confluent-kafka producer
 ran 3.3x faster (3.0k -> 9.8k events/s on a 2-core machine). In abdag, sending the
-comparison node's join-table changelog here too (``abdag.agents.tables``) was the largest of the
-steps that took the comparison node alone from 810 to 1,777 pairs/s in one session
-(bench.comparison, back to back). librdkafka batches, sends and retries in its own threads.
+comparison node's join-table changelog here too (``abdag.agents.faust_compat.tables``) was
+the largest of the steps that took the comparison node alone from 810 to 1,777 pairs/s in one
+session (bench.comparison, back to back). librdkafka batches, sends and retries in its own
+threads.
 
 At-least-once needs every record an event caused to be delivered before the event's offset
 is committed. Faust flushes only its own producer before a commit, so abdag's consumer
-awaits :meth:`OutputProducer.delivered` first (``abdag.agents.consumer``): it waits for the
-records queued before the commit began, not for an empty queue (agents keep producing
+awaits :meth:`OutputProducer.delivered` first (``abdag.agents.faust_compat.consumer``): it
+waits for the records queued before the commit began, not for an empty queue (agents keep producing
 while a commit is in flight). A record that failed for good fails the commit and crashes
 the worker: its events are read again from the last commit, by this worker restarted or
 by another.

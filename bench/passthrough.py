@@ -24,12 +24,8 @@ import sys
 
 import faust
 
-from abdag.agents.config import (
-    faust_settings,
-    freeze_startup_heap,
-    hold_log_level,
-    tune_interpreter,
-)
+from abdag.agents.config import faust_settings, freeze_startup_heap, tune_interpreter
+from abdag.agents.faust_compat import hold_log_level
 from abdag.settings import Settings
 from bench._harness import PARTITIONS
 

@@ -3,6 +3,7 @@ it lets the broker hold a fetch."""
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import faust
 import pytest
@@ -10,7 +11,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from abdag.agents.config import FetchWait, fetch_wait
-from abdag.agents.consumer import (
+from abdag.agents.faust_compat.consumer import (
     fetched_end_offsets,
     start_eagerly,
     use_resume_at_committed_consumer,
@@ -55,7 +56,7 @@ import faust
 
 from abdag.settings import Settings
 from abdag.agents.config import faust_settings
-from abdag.agents.consumer import use_resume_at_committed_consumer
+from abdag.agents.faust_compat.consumer import use_resume_at_committed_consumer
 
 app_id, topic = sys.argv[1], sys.argv[2]
 app = faust.App(app_id, **faust_settings(Settings.from_env(), partitions=2, app_id=app_id))
@@ -216,3 +217,16 @@ def test_consumer_delivers_at_once_and_a_blocked_delivery_loses_to_a_stopped_flo
     assert quick.results == [1] and not quick.stopped
     assert blocked.results == [True] and not blocked.stopped  # the flow event won
     assert (size, queued) == (1, 1)  # record 2 was never put
+
+
+def test_another_faust_version_is_refused_with_what_to_install():
+    from abdag.agents.faust_compat import FAUST_VERSION, FaustVersionError, check_faust_version
+
+    check_faust_version()  # the pinned one is installed
+    with pytest.raises(FaustVersionError) as refused:
+        check_faust_version("0.16.0")
+    said = str(refused.value)
+    assert "faust-streaming 0.16.0 is installed" in said
+    assert f"install faust-streaming=={FAUST_VERSION}" in said
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert f'"faust-streaming=={FAUST_VERSION}"' in pyproject  # the pin is the version checked

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from abdag.agents.faust_compat.tables import JsonTable
 from abdag.agents.producer import OutRecord
-from abdag.agents.tables import JsonTable
 from abdag.comparators.join import LABELLED, PairJoin
 
 CHANGELOG = "abdag-ab-join-changelog"
