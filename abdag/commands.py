@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
 
 @command("produce")
 def produce(args: argparse.Namespace, settings: Settings) -> int:
-    from abdag.agents.dag import LabelSource, Source
+    from abdag.agents.dag import Source
     from abdag.agents.topology import dag_topics
     from abdag.topics import input_topic
     from abdag.topics.admin import ensure_topics
@@ -120,8 +120,8 @@ def produce(args: argparse.Namespace, settings: Settings) -> int:
 
     dag = _load_valid_dag(args.dag_file, load_models=False)
     node = dag.nodes.get(args.source)
-    if not isinstance(node, Source | LabelSource):
-        sources = [n.name for n in dag.nodes.values() if isinstance(n, Source | LabelSource)]
+    if node is None or not node.takes_input:
+        sources = [n.name for n in dag.nodes.values() if n.takes_input]
         raise UserError(f"{args.source!r} is not a source of DAG {dag.name!r}; sources: {sources}")
     if args.synthetic is not None:
         if not isinstance(node, Source) or node.sampler is None:

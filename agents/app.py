@@ -383,18 +383,10 @@ def build_app(
     """Create the Faust app with one agent per node of ``dag`` (validated beforehand);
     ``max_record_bytes``: the largest output record (see abdag.agents.producer.record_limit)."""
     rt = DagRuntime(dag, settings, max_record_bytes=max_record_bytes)
-    for node in dag.topological():
-        if isinstance(node, Source):
-            _source_agent(rt, node)
-        elif isinstance(node, LabelSource):
-            _label_agent(rt, node)
-        elif isinstance(node, Transform):
-            _transform_agent(rt, node)
-        elif isinstance(node, ModelNode):
-            _model_agent(rt, node)
-        elif isinstance(node, Comparison):
-            _comparison_agents(rt, node)
-    if any(isinstance(n, Comparison) for n in dag.topological()):
+    nodes = dag.topological()
+    for node in nodes:
+        node.build(rt)  # its kind's agents (abdag.agents.nodes)
+    if any(node.writes_pairs for node in nodes):
         _result_sinks(rt)
         _decisions_follower(rt)
     _dead_letter_sink(rt)

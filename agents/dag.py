@@ -21,81 +21,21 @@ publishing to its own, keyed by request id. Nothing runs until :meth:`Dag.valida
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from abdag.agents.errors import DagError
+from abdag.agents.nodes import (  # noqa: F401 - the kinds, importable from here as well
+    KINDS,
+    OUTPUTS,
+    Comparison,
+    LabelSource,
+    ModelNode,
+    Node,
+    Source,
+    Transform,
+)
 from abdag.comparators.tasks import TASKS  # noqa: F401 - declared once there, read here too
 from abdag.topics import Event, check_name
-
-OUTPUTS = ("sigmoid", "probability", "softmax", "value", "raw")
-
-
-@dataclass(eq=False)
-class Node:
-    name: str
-    inputs: tuple[str, ...]
-
-    @property
-    def kind(self) -> str:
-        return type(self).__name__.lower()
-
-
-@dataclass(eq=False)
-class Source(Node):
-    """An input topic that any Kafka client can write JSON events to."""
-
-    example: dict[str, Any] | None = None
-    sampler: Callable[[int, int], list[dict[str, Any]]] | None = None
-
-
-@dataclass(eq=False)
-class LabelSource(Node):
-    """An input topic of ground truth: ``{"request_id": ..., "label": ...}``."""
-
-
-@dataclass(eq=False)
-class Transform(Node):
-    """A function of one event's payload returning the new payload."""
-
-    fn: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda p: p)
-
-
-@dataclass(eq=False)
-class ModelNode(Node):
-    """A PyTorch model run in micro-batches on the events of its input(s)."""
-
-    path: str = ""
-    build_input: Callable[[Event], Any] | None = None
-    output: str = "sigmoid"
-    model_class: str | None = None
-    model_kwargs: dict[str, Any] | None = None
-    device: str = "auto"
-    max_batch: int = 64
-    max_wait: float = 0.01
-    threshold: float = 0.5
-    reload_interval: float = 5.0
-    replaces: str | None = None  # set on shadow copies: which node this one stands in for
-
-
-@dataclass(eq=False)
-class Comparison(Node):
-    """The signal comparison node: A against B on the same requests, with labels if any."""
-
-    a: str = ""
-    b: str = ""
-    labels: str | None = None
-    task: str = "binary"
-    metrics: list[str] | None = None
-    join_timeout: float = 30.0
-    label_timeout: float = 3600.0
-    margin: float = 0.0
-    snapshot_every: int = 1000
-    snapshot_interval: float = 5.0
-    mode: str = "shadow"  # 'shadow' | 'split': who serves, see abdag.comparators.decisions
-    split: float = 0.0
-    group: str = ""  # champion-and-challengers group this comparison belongs to
-    group_size: int = 1
 
 
 def _reading_copies(build: Callable[[Event], Any], copies: dict[str, str]):
@@ -127,6 +67,10 @@ class Dag:
         self.nodes: dict[str, Node] = {}
 
     # -- building -------------------------------------------------------------------------
+    def add(self, node: Node) -> Node:
+        """Add a node of any kind (``abdag.agents.nodes``); the methods below are shortcuts."""
+        return self._add(node)
+
     def _add(self, node: Node) -> Node:
         try:
             check_name("node", node.name)
@@ -282,11 +226,11 @@ class Dag:
             if new_inputs == original.inputs:
                 copies[name] = name  # does not depend on a replaced node: share it
                 return name
-            if not isinstance(original, ModelNode | Transform):
+            if not original.shadowable:
                 raise DagError("only model and transform nodes can be shadowed", node=name)
             clone = type(original)(**{**original.__dict__, "name": f"{name}__{tag}"})
             clone.inputs = new_inputs
-            if isinstance(clone, ModelNode):
+            if isinstance(clone, ModelNode):  # its input builder reads the copies' outputs
                 clone.replaces = name
                 clone.build_input = _reading_copies(original.build_input, copies)
             self._add(clone)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from abdag.agents.dag import Comparison, Dag, LabelSource, Source
-from abdag.topics import (
-    dead_letter_topic,
-    input_topic,
-    node_topic,
-    pairs_topic,
-    served_topic,
-    snapshots_topic,
-)
+from abdag.agents.dag import Dag
+from abdag.topics import dead_letter_topic, pairs_topic, snapshots_topic
 
 
 def dag_topics(dag: Dag) -> list[str]:
-    names: list[str] = []
-    for node in dag.topological():
-        if isinstance(node, Source | LabelSource):
-            names.append(input_topic(dag.name, node.name))
-        if isinstance(node, Comparison):
-            names += [f"abdag.{dag.name}.{node.name}.ticks", served_topic(dag.name, node.name)]
-        else:
-            names.append(node_topic(dag.name, node.name))
-    if any(isinstance(node, Comparison) for node in dag.topological()):
+    """Every topic of the DAG: each node's (its kind says which), then the DAG's own."""
+    nodes = dag.topological()
+    names = [topic for node in nodes for topic in node.topics(dag)]
+    if any(node.writes_pairs for node in nodes):
         names += [pairs_topic(dag.name), snapshots_topic(dag.name)]
     names.append(dead_letter_topic(dag.name))
     return names
