@@ -25,6 +25,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from abdag.comparators.schema import columns
+
 MODES = ("shadow", "split")
 ACCEPTED = ("B better", "B not worse")
 
@@ -60,16 +62,7 @@ class Decision:
     note: str
 
 
-DECISION_COLUMNS = [
-    "experiment",
-    "ts",
-    "action",
-    "served",
-    "forced",
-    "verdict",
-    "confidence",
-    "note",
-]
+DECISION_COLUMNS = columns("decisions")
 
 
 def latest_decision(client: Any, experiment: str) -> Decision | None:

@@ -11,31 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from abdag.comparators.join import Emitted
+from abdag.comparators.schema import columns
 
-PAIR_COLUMNS = [
-    "experiment",
-    "request_id",
-    "partition",
-    "status",
-    "task",
-    "model_a",
-    "model_b",
-    "version_a",
-    "version_b",
-    "score_a",
-    "score_b",
-    "pred_a",
-    "pred_b",
-    "label",
-    "latency_a_ms",
-    "latency_b_ms",
-    "request_ts",
-    "paired_ts",
-    "label_ts",
-    "stage",
-    "worker",
-]
-SNAPSHOT_COLUMNS = ["experiment", "ts", "worker", "partition", "model", "metric", "value", "n"]
+PAIR_COLUMNS = columns("pairs")  # the tables' columns are declared once, in the schema
+SNAPSHOT_COLUMNS = columns("metric_snapshots")
 _TIME_COLUMNS = {"request_ts", "paired_ts", "label_ts"}
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TABLES",
     "Table",
+    "columns",
     "create_table_sql",
     "ensure_schema",
     "pairs_source",
@@ -204,6 +205,15 @@ def schema_version(client: Any) -> int:
         return 0
     rows = client.query("SELECT max(version) FROM schema_version").result_rows
     return int(rows[0][0] or 0)
+
+
+def columns(table: str) -> list[str]:
+    """The column names of ``table`` in declared order: what its writers insert.
+
+    >>> columns("metric_snapshots")
+    ['experiment', 'ts', 'worker', 'partition', 'model', 'metric', 'value', 'n']
+    """
+    return [name for name, _ in TABLES[table].columns]
 
 
 def ensure_schema(client: Any) -> None:
