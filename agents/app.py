@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -31,18 +30,15 @@ from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Tr
 from abdag.agents.faust_compat import JsonTable, use_resume_at_committed_consumer
 from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
 from abdag.clickhouse import connect
-from abdag.comparators.decisions import served_side
-from abdag.comparators.join import PairJoin
-from abdag.comparators.labels import check_label
+from abdag.comparators.comparison import LABEL, TICK, A, B, ComparisonState, Incoming
 from abdag.comparators.rows import (
     PAIR_COLUMNS,
     SNAPSHOT_COLUMNS,
     experiment_name,
-    pair_row,
-    snapshot_rows,
     to_insert_values,
 )
 from abdag.comparators.sink import ClickHouseSink
+from abdag.comparators.tasks import DEFAULT_THRESHOLD
 from abdag.settings import Settings
 from abdag.topics import (
     BadRecord,
@@ -55,7 +51,6 @@ from abdag.topics import (
     event_from,
     fields_of,
     input_topic,
-    label_from,
     label_from_raw,
     node_topic,
     pairs_topic,
@@ -433,16 +428,6 @@ class _Batches:
             self._open.clear()  # the agent asked for the next batch: this one is done
 
 
-@dataclass
-class _JoinOutput:
-    """What one batch of the comparison node sends on."""
-
-    served: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
-    pairs: dict[str, tuple[int, dict]] = field(default_factory=dict)  # id -> newest row
-    snapshots: list[tuple[bytes, bytes, Any]] = field(default_factory=list)
-    dead: list[tuple[BadRecord, Any, Packed | None]] = field(default_factory=list)
-
-
 def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
     """Rows grouped by partition, at most ``per_record`` to a list."""
     by_partition: dict[int, list[dict]] = {}
@@ -451,6 +436,11 @@ def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple
     for partition, group in by_partition.items():
         for k in range(0, len(group), per_record):
             yield partition, group[k : k + per_record]
+
+
+def _threshold(rt: DagRuntime, model: str) -> float:
+    """A model node's class threshold (a binary pair without a class gets one with it)."""
+    return getattr(rt.dag.nodes[model], "threshold", DEFAULT_THRESHOLD)
 
 
 def _source_agent(rt: DagRuntime, node: Source) -> None:
@@ -668,18 +658,19 @@ async def _hand_over(queue: asyncio.Queue, item: Any, consumer: asyncio.Future) 
 
 
 def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
-    from abdag.comparators.metrics import PairMetrics
-
+    """The comparison node: an agent that feeds its topics' records to a ComparisonState
+    (abdag.comparators.comparison: the join, serving, metrics, snapshots) and sends what it
+    gives back; a task that sends the expiry ticks it asks for; the periodic snapshots."""
     dag = rt.dag.name
     experiment = experiment_name(dag, node.name)
-    a_topic, b_topic = node_topic(dag, node.a), node_topic(dag, node.b)
-    label_topic = node_topic(dag, node.labels) if node.labels else None
+    sides = {node_topic(dag, node.a): A, node_topic(dag, node.b): B}
+    if node.labels:
+        sides[node_topic(dag, node.labels)] = LABEL
     tick_topic = f"abdag.{dag}.{node.name}.ticks"
-    names = [a_topic, b_topic] + ([label_topic] if label_topic else []) + [tick_topic]
+    names = [*sides, tick_topic]
     source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
     pairs_name, served_name = pairs_topic(dag), served_topic(dag, node.name)
     snaps_name = snapshots_topic(dag)
-    control = rt.controls[experiment] = {"promoted": False, "retired": False}
     table = rt.app.Table(
         f"{node.name}-join",
         partitions=rt.dag.partitions,
@@ -687,127 +678,67 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         value_type=bytes,
     )
     store = JsonTable(table)
-    join = PairJoin(join_timeout=node.join_timeout, label_timeout=node.label_timeout, store=store)
-    metrics: dict[int, PairMetrics] = {}
-    since_snapshot: Counter[int] = Counter()
-    last_snapshot: dict[int, float] = {}
-    ticked: dict[str, float] = {}
-    classes: list[int | None] = [None]  # multiclass: the models' number of classes, once seen
-    thresholds = tuple(getattr(rt.dag.nodes[m], "threshold", 0.5) for m in (node.a, node.b))
 
-    def snapshot(partition: int, now: float) -> tuple[bytes, bytes, None]:
-        """The partition's metric rows, as one record for the snapshots topic."""
-        rows = snapshot_rows(experiment, rt.worker, partition, metrics[partition], now)
-        since_snapshot[partition] = 0
-        last_snapshot[partition] = now
-        return str(partition).encode(), orjson.dumps(rows), None
+    def route_writes(incoming: Incoming) -> None:
+        store.event = incoming.source  # each held write goes to its event's partition
 
-    def handle(e: Any, record: Packed | None, out: _JoinOutput) -> None:
-        """One A, B or label record (of event ``e``), or one tick (``record`` None), through
-        the join; what it sends goes to ``out``."""
-        topic, partition, now = e.message.topic, e.message.partition, time.time()
-        try:
-            if record is None:
-                emitted = join.expire(e.key.decode(), now)
-            elif topic == label_topic:
-                lab = label_from(record.body)
-                y = check_label(
-                    node.task, lab.label, n_classes=classes[0], request_id=lab.request_id
-                )
-                emitted = join.offer_label(lab.request_id, y, lab.ts, now)
-            else:
-                ev = event_from(record.body)
-                side, model = ("a", node.a) if topic == a_topic else ("b", node.b)
-                pred = fields_of(ev.prediction(model))
-                pred["request_ts"] = ev.ts
-                if isinstance(pred["output"], list) and node.task == "multiclass":
-                    classes[0] = max(classes[0] or 0, len(pred["output"]))
-                emitted = join.offer_prediction(side, ev.request_id, pred, now, ev.digest)
-                choice = served_side(ev.request_id, mode=node.mode, split=node.split, **control)
-                if side == choice:
-                    answer = {"request_id": ev.request_id, "served_by": side, **pred}
-                    served = (ev.request_id.encode(), orjson.dumps(answer), record.headers)
-                    out.served.append(served)
-        except BadRecord as err:
-            out.dead.append((err, e, record))
-            return
-        if emitted is None:
-            return
-        # A later stage of the same request in this batch supersedes this row.
-        row = pair_row(experiment, node, emitted, partition, rt.worker, now)
-        out.pairs[emitted.request_id] = (partition, row)
-        if emitted.newly_paired or emitted.newly_labelled:
-            m = metrics.get(partition)
-            if m is None:
-                m = metrics[partition] = PairMetrics(
-                    task=node.task,
-                    metrics=node.metrics,
-                    threshold_a=thresholds[0],
-                    threshold_b=thresholds[1],
-                )
-            a, b = emitted.a or {}, emitted.b or {}
-            m.update(
-                a.get("score"),
-                a.get("label"),
-                b.get("score"),
-                b.get("label"),
-                emitted.label,
-                a.get("latency_ms"),
-                b.get("latency_ms"),
-                count_pair=emitted.newly_paired,
-            )
-            since_snapshot[partition] += 1
-            if since_snapshot[partition] >= node.snapshot_every:
-                out.snapshots.append(snapshot(partition, now))
+    state = ComparisonState(
+        node,
+        store,
+        experiment=experiment,
+        worker=rt.worker,
+        thresholds=(_threshold(rt, node.a), _threshold(rt, node.b)),
+        on_incoming=route_writes,
+    )
+    rt.controls[experiment] = state.control  # the decisions follower updates it
+
+    def snapshot_records(due: list[tuple[int, list[dict]]]) -> list[tuple[bytes, bytes, None]]:
+        return [(str(p).encode(), orjson.dumps(rows), None) for p, rows in due]
 
     @rt.app.agent(source, name=f"{node.name}-join")
     async def compare(stream):
-        # A batch at a time: the join itself does no I/O, the table writes of a request are
-        # one changelog record per batch, and the batch's sends (changelog included) are
-        # queued together. The batch is acknowledged once its sends are queued (see _Batches).
+        # A batch at a time: every record is decoded first (a dead letter for one that is not
+        # JSON waits on the producer), then the state handles the batch with no await, so no
+        # other task sees the table's writes held; they are one changelog record per request,
+        # and the batch's sends (changelog first) are queued together. The batch is
+        # acknowledged once its sends are queued (see _Batches).
         async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            out = _JoinOutput()
+            batch = []
             for e in events:
-                store.event = e
-                if e.message.topic == tick_topic:
-                    handle(e, None, out)
-                    continue
-                for record in await rt.records(node.name, e):
-                    handle(e, record, out)
+                msg = e.message
+                if msg.topic == tick_topic:
+                    rid = (e.key or b"").decode("utf-8", errors="replace")
+                    batch.append(Incoming(TICK, msg.partition, (Packed(rid, None),), e))
+                else:
+                    records = await rt.records(node.name, e)
+                    batch.append(Incoming(sides[msg.topic], msg.partition, records, e))
+            out = state.process(batch, time.time)
             await rt.output.send_all(store.flush())
-            for err, e, record in out.dead:
-                await rt.dead(node.name, err, e, record)
+            for refused in out.refused:
+                await rt.dead(node.name, refused.error, refused.incoming.source, refused.record)
             await rt.send(served_name, out.served)
             await rt.output.send_all(
                 OutRecord(pairs_name, str(p).encode(), orjson.dumps(rows), None, p)
                 for p, rows in _packed(out.pairs.values(), PAIR_ROWS_PER_RECORD)
             )
-            await rt.send(snaps_name, out.snapshots)
+            await rt.send(snaps_name, snapshot_records(out.snapshots))
 
-    @rt.app.timer(interval=1.0, name=f"{node.name}-expiry")
-    async def expire_due() -> None:
-        now = time.time()
-        sent = 0
-        for rid in join.due(now):
-            if now - ticked.get(rid, 0.0) < 5.0:
-                continue
-            ticked[rid] = now
-            await rt.send(tick_topic, [(rid.encode(), b"{}", None)])
-            sent += 1
-            if sent >= 5000:
-                break
-        for rid in [r for r, t in ticked.items() if now - t > 10.0]:
-            del ticked[rid]
+    @rt.app.task
+    async def expiry_ticks() -> None:
+        """Send a tick for each request the state says is due, to the owner of its
+        partition (the agent above, there, expires it); look again when the state says."""
+        while not rt.app.should_stop:
+            due = state.ticks_due(time.time())
+            if due:
+                await rt.send(tick_topic, [(rid.encode(), b"{}", None) for rid in due])
+            now = time.time()
+            await rt.app.sleep(state.next_check(now) - now)
 
     @rt.app.timer(interval=node.snapshot_interval, name=f"{node.name}-snapshots")
     async def periodic_snapshots() -> None:
-        now = time.time()
-        for partition in list(metrics):
-            if (
-                since_snapshot[partition]
-                and now - last_snapshot.get(partition, 0) >= node.snapshot_interval
-            ):
-                await rt.send(snaps_name, [snapshot(partition, now)])
+        due = state.snapshots_due(time.time())
+        if due:
+            await rt.send(snaps_name, snapshot_records(due))
 
     experiments_sink = rt.sink("experiments", EXPERIMENT_COLUMNS)
 
