@@ -27,7 +27,12 @@ import orjson
 
 from abdag.agents.config import faust_settings, fetch_wait
 from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
-from abdag.agents.faust_compat import JsonTable, use_resume_at_committed_consumer
+from abdag.agents.faust_compat import (
+    Batches,
+    JsonTable,
+    raw_topic,
+    use_resume_at_committed_consumer,
+)
 from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
 from abdag.clickhouse import connect
 from abdag.comparators.comparison import LABEL, TICK, A, B, ComparisonState, Incoming
@@ -37,6 +42,7 @@ from abdag.comparators.rows import (
     experiment_name,
     to_insert_values,
 )
+from abdag.comparators.schema import columns
 from abdag.comparators.sink import ClickHouseSink
 from abdag.comparators.tasks import DEFAULT_THRESHOLD
 from abdag.settings import Settings
@@ -79,33 +85,8 @@ PAIR_ROWS_PER_RECORD = 200
 # pack, with the outputs of the models before it. A broker that takes less is refused at
 # start-up (abdag.agents.producer.record_limit); anything larger is dead-lettered.
 REQUIRED_RECORD_BYTES = MAX_EVENT_BYTES + 64 * 1024
-EXPERIMENT_COLUMNS = [
-    "experiment",
-    "updated_ts",
-    "dag",
-    "comparison",
-    "grp",
-    "group_size",
-    "model_a",
-    "model_b",
-    "task",
-    "mode",
-    "split",
-    "margin",
-    "metrics",
-]
-DEAD_LETTER_COLUMNS = [
-    "dag",
-    "node",
-    "reason",
-    "ts",
-    "request_id",
-    "detail",
-    "count",
-    "source",
-    "original_size",
-    "original_sha256",
-]
+EXPERIMENT_COLUMNS = columns("experiments")
+DEAD_LETTER_COLUMNS = columns("dead_letters")
 
 
 def worker_name() -> str:
@@ -181,18 +162,10 @@ class DagRuntime:
 
     def topic(self, name: str, *, buffer: int | None = None) -> faust.TopicT:
         """The DAG's topic ``name`` as raw bytes; ``buffer``: how many of its records an
-        agent may have waiting (Faust's ``stream_buffer_maxsize`` if None).
-
-        Made as ``app.topic`` makes it, which takes ``maxsize`` but drops it (faust 0.15.3).
+        agent may have waiting (Faust's ``stream_buffer_maxsize`` if None)
+        (``abdag.agents.faust_compat.raw_topic``: ``app.topic`` would drop ``buffer``).
         """
-        return self.app.conf.Topic(
-            self.app,
-            topics=[name],
-            key_type=bytes,
-            value_type=bytes,
-            partitions=self.dag.partitions,
-            maxsize=buffer,
-        )
+        return raw_topic(self.app, name, partitions=self.dag.partitions, buffer=buffer)
 
     # -- dead letters ---------------------------------------------------------------------
     async def dead(
@@ -388,46 +361,6 @@ def build_app(
     return rt.app, rt
 
 
-class _Batches:
-    """Faust's ``take_events``, except that a batch the agent did not finish is never
-    acknowledged.
-
-    Faust acknowledges a batch in a ``finally``, finished or not, and closes that generator
-    when a stopping worker stops its agents, just before the final commit: a worker stopped
-    with SIGTERM mid-batch committed events it never sent on (46 of 2,000 requests in one
-    join/leave run). Here the stream's ``ack`` skips the events of a batch still open, so
-    they stay uncommitted and go to the partition's next owner.
-
-    A batch is finished when the agent asks for the next one, or, with ``by_hand``, when
-    the agent calls :meth:`finish` (so it may work on the next batch meanwhile).
-    """
-
-    def __init__(self, stream: Any, max_: int, within: float, *, by_hand: bool = False) -> None:
-        self.stream, self.max_, self.within, self.by_hand = stream, max_, within, by_hand
-        self._open: set[int] = set()
-        self._acknowledge = stream.ack
-        stream.ack = self._ack_if_finished  # take_events calls self.ack for each event
-
-    async def _ack_if_finished(self, event: Any) -> bool:
-        if self.by_hand or id(event) in self._open:
-            return False
-        return await self._acknowledge(event)
-
-    async def finish(self, events: list[Any]) -> None:
-        """Acknowledge a batch the agent is done with (``by_hand`` only)."""
-        for e in events:
-            await self._acknowledge(e)
-
-    async def __aiter__(self):
-        async for events in self.stream.take_events(self.max_, within=self.within):
-            if self.by_hand:
-                yield events
-                continue
-            self._open.update(id(e) for e in events)
-            yield events
-            self._open.clear()  # the agent asked for the next batch: this one is done
-
-
 def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
     """Rows grouped by partition, at most ``per_record`` to a list."""
     by_partition: dict[int, list[dict]] = {}
@@ -450,7 +383,7 @@ def _source_agent(rt: DagRuntime, node: Source) -> None:
 
     @rt.app.agent(inputs, name=f"{node.name}-source")
     async def source(stream):
-        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -472,7 +405,7 @@ def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
 
     @rt.app.agent(inputs, name=f"{node.name}-labels")
     async def labels(stream):
-        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
             now = time.time()
             ready = []
             for e in events:
@@ -491,7 +424,7 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
 
     @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
     async def transform(stream):
-        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
             ready = []
             for e in events:
                 for record in await rt.records(node.name, e):
@@ -545,7 +478,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         except Exception as exc:  # noqa: BLE001 - the user's input builder failed
             raise BadRecord("bad input", f"{type(exc).__name__}: {exc}", ev.request_id) from exc
 
-    async def publish(batches: _Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
+    async def publish(batches: Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
         """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
         it: only then may its offsets be committed."""
         results, latency_ms, version = inferred
@@ -588,7 +521,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         inline = inferred[1] < INLINE_BELOW_MS
         return inferred
 
-    async def infer_in_order(batches: _Batches, decoded_batches: asyncio.Queue) -> None:
+    async def infer_in_order(batches: Batches, decoded_batches: asyncio.Queue) -> None:
         """Infer the decoded batches one after another, each sent on while the next infers.
 
         The next batch is already read and decoded when one finishes (the agent does that
@@ -616,7 +549,7 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         # see infer_batch). A batch is at most max_batch requests: the packs of one take
         # are cut into such batches, each sent on as soon as it is inferred; a pack is
         # acknowledged with the batch that holds its last request (batches go out in order).
-        batches = _Batches(stream, node.max_batch, node.max_wait, by_hand=True)
+        batches = Batches(stream, node.max_batch, node.max_wait, by_hand=True)
         decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
         inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
         try:
@@ -701,8 +634,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
         # JSON waits on the producer), then the state handles the batch with no await, so no
         # other task sees the table's writes held; they are one changelog record per request,
         # and the batch's sends (changelog first) are queued together. The batch is
-        # acknowledged once its sends are queued (see _Batches).
-        async for events in _Batches(stream, TAKE_MAX, TAKE_WITHIN):
+        # acknowledged once its sends are queued (see Batches).
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
             batch = []
             for e in events:
                 msg = e.message
@@ -782,7 +715,7 @@ def _result_sinks(rt: DagRuntime) -> None:
 
     @rt.app.agent(topic(pairs_topic(dag)), name="pairs-sink")
     async def write_pairs(stream):
-        async for events in _Batches(stream, 5000, 0.5):
+        async for events in Batches(stream, 5000, 0.5):
             rows, origins = [], []
             for e in events:
                 packed = orjson.loads(e.value)
@@ -793,7 +726,7 @@ def _result_sinks(rt: DagRuntime) -> None:
 
     @rt.app.agent(topic(snapshots_topic(dag)), name="snapshot-sink")
     async def write_snapshots(stream):
-        async for events in _Batches(stream, 1000, 1.0):
+        async for events in Batches(stream, 1000, 1.0):
             rows, origins = [], []
             for e in events:
                 for r in orjson.loads(e.value):
@@ -845,7 +778,7 @@ def _dead_letter_sink(rt: DagRuntime) -> None:
 
     @rt.app.agent(rt.dead_topic, name="dead-letter-sink")
     async def write_dead_letters(stream):
-        async for events in _Batches(stream, 1000, 1.0):
+        async for events in Batches(stream, 1000, 1.0):
             values = [e.value for e in events]
             rows = []
             for v in values:
