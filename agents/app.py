@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,42 +26,29 @@ import faust
 import orjson
 
 from abdag.agents.config import faust_settings, fetch_wait
-from abdag.agents.dag import Comparison, Dag, LabelSource, ModelNode, Source, Transform
+from abdag.agents.dag import Dag
 from abdag.agents.faust_compat import (
     Batches,
-    JsonTable,
     raw_topic,
     use_resume_at_committed_consumer,
 )
 from abdag.agents.producer import DEFAULT_MAX_RECORD_BYTES, OutputProducer, OutRecord
 from abdag.clickhouse import connect
-from abdag.comparators.comparison import LABEL, TICK, A, B, ComparisonState, Incoming
 from abdag.comparators.rows import (
     PAIR_COLUMNS,
     SNAPSHOT_COLUMNS,
-    experiment_name,
     to_insert_values,
 )
 from abdag.comparators.schema import columns
 from abdag.comparators.sink import ClickHouseSink
-from abdag.comparators.tasks import DEFAULT_THRESHOLD
 from abdag.settings import Settings
 from abdag.topics import (
     BadRecord,
     DeadLetter,
-    Event,
-    Prediction,
     dead_letter_topic,
     decode_dead_letter,
     encode,
-    event_from,
-    fields_of,
-    input_topic,
-    label_from_raw,
-    node_topic,
     pairs_topic,
-    request_from_raw,
-    served_topic,
     snapshots_topic,
 )
 from abdag.topics.packs import Headers, Packed, is_pack, packs_by_partition, partition_for, unpack
@@ -284,55 +271,6 @@ class DagRuntime:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-class ModelSlot:
-    """The model a node runs now, swapped between batches when the registry has a newer one.
-
-    A swap replaces one reference: the batch in flight finishes on the old model, the next
-    runs on the new one, so no event is dropped and each prediction names its version.
-    """
-
-    def __init__(self, node: ModelNode, settings: Settings) -> None:
-        self.node = node
-        self.settings = settings
-        self.runner, self.version = self._load()
-
-    def _load(self):
-        from abdag.agents.model_source import resolve
-        from abdag.models import BatchRunner, load_model
-
-        src = resolve(self.node, self.settings)
-        model = load_model(
-            src.path,
-            name=self.node.name,
-            device=self.node.device,
-            model_class=src.model_class,
-            model_kwargs=src.model_kwargs,
-        )
-        runner = BatchRunner(model, None, self.node.output, threshold=self.node.threshold)
-        return runner, src.version or model.version
-
-    def reload_if_newer(self) -> bool:
-        from abdag.agents.model_source import resolve
-
-        try:
-            if resolve(self.node, self.settings).version == self.version:
-                return False
-            runner, version = self._load()
-        except Exception as exc:  # noqa: BLE001 - keep serving the current model
-            log.error(
-                "node %s: new model version not loaded, keeping %s: %s",
-                self.node.name,
-                self.version,
-                exc,
-            )
-            return False
-        log.warning(
-            "node %s: now serving model version %s (was %s)", self.node.name, version, self.version
-        )
-        self.runner, self.version = runner, version
-        return True
-
-
 class _Stopper(faust.Service):
     """When the worker stops: ends blocking sink retries, delivers the queued output."""
 
@@ -359,343 +297,6 @@ def build_app(
         _decisions_follower(rt)
     _dead_letter_sink(rt)
     return rt.app, rt
-
-
-def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
-    """Rows grouped by partition, at most ``per_record`` to a list."""
-    by_partition: dict[int, list[dict]] = {}
-    for partition, row in rows:
-        by_partition.setdefault(partition, []).append(row)
-    for partition, group in by_partition.items():
-        for k in range(0, len(group), per_record):
-            yield partition, group[k : k + per_record]
-
-
-def _threshold(rt: DagRuntime, model: str) -> float:
-    """A model node's class threshold (a binary pair without a class gets one with it)."""
-    return getattr(rt.dag.nodes[model], "threshold", DEFAULT_THRESHOLD)
-
-
-def _source_agent(rt: DagRuntime, node: Source) -> None:
-    out = node_topic(rt.dag.name, node.name)
-
-    inputs = rt.topic(input_topic(rt.dag.name, node.name), buffer=INPUT_BUFFER)
-
-    @rt.app.agent(inputs, name=f"{node.name}-source")
-    async def source(stream):
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            now = time.time()
-            ready = []
-            for e in events:
-                try:
-                    m = e.message
-                    origin = f"{m.topic}/{m.partition}/{m.offset}/{m.timestamp}"
-                    ev = request_from_raw(e.value, e.key, now, origin)
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e)
-                    continue
-                ready.append((rt.partition_of(ev.request_id), encode(ev), e.headers))
-            await rt.send_packed(out, ready)
-
-
-def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
-    out = node_topic(rt.dag.name, node.name)
-
-    inputs = rt.topic(input_topic(rt.dag.name, node.name), buffer=INPUT_BUFFER)
-
-    @rt.app.agent(inputs, name=f"{node.name}-labels")
-    async def labels(stream):
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            now = time.time()
-            ready = []
-            for e in events:
-                try:
-                    lab = label_from_raw(e.value, e.key, now)
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e)
-                    continue
-                ready.append((rt.partition_of(lab.request_id), encode(lab), e.headers))
-            await rt.send_packed(out, ready)
-
-
-def _transform_agent(rt: DagRuntime, node: Transform) -> None:
-    (upstream,) = node.inputs
-    out = node_topic(rt.dag.name, node.name)
-
-    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
-    async def transform(stream):
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            ready = []
-            for e in events:
-                for record in await rt.records(node.name, e):
-                    try:
-                        ev = event_from(record.body)
-                        payload = node.fn(ev.payload)
-                    except BadRecord as err:
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - the user's function failed
-                        err = BadRecord(
-                            "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
-                        )
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    if not isinstance(payload, dict):
-                        why = f"returned {type(payload).__name__}, not a dict"
-                        err = BadRecord("transform error", why, ev.request_id)
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    ev.payload = payload
-                    ready.append((e.message.partition, encode(ev), record.headers))
-            await rt.send_packed(out, ready)
-
-
-def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
-    from abdag.agents.model_source import resolve
-
-    (upstream,) = node.inputs
-    out = node_topic(rt.dag.name, node.name)
-    slot = ModelSlot(node, rt.settings)
-
-    def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
-        runner, version = slot.runner, slot.version  # one model for the whole batch
-        start = time.perf_counter()
-        results = runner.run(inputs)
-        return results, (time.perf_counter() - start) * 1000.0, version
-
-    if resolve(node, rt.settings).follows_latest:
-
-        @rt.app.timer(interval=node.reload_interval, name=f"{node.name}-reload")
-        async def follow_registry() -> None:
-            await rt.in_thread(slot.reload_if_newer)
-
-    def decode(record: Packed) -> tuple[Event, Any]:
-        ev = event_from(record.body)
-        try:
-            return ev, node.build_input(ev)
-        except BadRecord:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's input builder failed
-            raise BadRecord("bad input", f"{type(exc).__name__}: {exc}", ev.request_id) from exc
-
-    async def publish(batches: Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
-        """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
-        it: only then may its offsets be committed."""
-        results, latency_ms, version = inferred
-        now = time.time()
-        ready = []
-        for (e, record, ev), res in zip(decoded, results, strict=True):
-            if not res.ok:
-                reason = res.reason or "model error"
-                code = "model error" if reason.startswith("model") else "bad input"
-                err = BadRecord(code, reason, ev.request_id)
-                await rt.dead(node.name, err, e, record)
-                continue
-            ev.outputs[node.name] = fields_of(
-                Prediction(
-                    model=node.name,
-                    version=version,
-                    output=res.output,
-                    score=res.score,
-                    label=res.label,
-                    latency_ms=latency_ms,
-                    worker=rt.worker,
-                    batch_size=len(decoded),
-                    ts=now,
-                )
-            )
-            ready.append((e.message.partition, encode(ev), record.headers))
-        await rt.send_packed(out, ready)
-        await batches.finish(events)
-
-    inline = True  # the last batch was quick enough to infer on the event loop
-
-    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], float, str]:
-        """Infer in the executor thread, so the event loop works meanwhile, unless the last
-        batch took under INLINE_BELOW_MS: then the thread hop and the GIL hand-overs after
-        each torch call cost more than they overlap, so the loop infers it itself. (The
-        model ran on a sample event at start-up, so a slow one blocks the loop for one
-        batch at most.)"""
-        nonlocal inline
-        inferred = infer(inputs) if inline else await rt.in_thread(infer, inputs)
-        inline = inferred[1] < INLINE_BELOW_MS
-        return inferred
-
-    async def infer_in_order(batches: Batches, decoded_batches: asyncio.Queue) -> None:
-        """Infer the decoded batches one after another, each sent on while the next infers.
-
-        The next batch is already read and decoded when one finishes (the agent does that
-        meanwhile), so the model is idle only when no events wait."""
-        publishing: asyncio.Future | None = None
-        try:
-            while True:
-                events, decoded, inputs = await decoded_batches.get()
-                inferred = await infer_batch(inputs) if inputs else None
-                if publishing is not None:
-                    await publishing  # in order: batch k is out before batch k+1 is sent
-                    publishing = None
-                if inferred is None:
-                    await batches.finish(events)
-                else:
-                    publishing = asyncio.ensure_future(publish(batches, events, decoded, inferred))
-        finally:
-            if publishing is not None and not publishing.done():
-                publishing.cancel()  # unacknowledged: the batch is read again, not lost
-
-    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
-    async def model_node(stream):
-        # Three batches overlap: this body reads and decodes batch k+2 while the executor
-        # thread infers batch k+1 and batch k is sent on (a quick model infers on the loop:
-        # see infer_batch). A batch is at most max_batch requests: the packs of one take
-        # are cut into such batches, each sent on as soon as it is inferred; a pack is
-        # acknowledged with the batch that holds its last request (batches go out in order).
-        batches = Batches(stream, node.max_batch, node.max_wait, by_hand=True)
-        decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
-        inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
-        try:
-            async for events in batches:
-                done: list[Any] = []  # packs whose every request is in a batch so far
-                decoded: list[tuple[Any, Packed, Event]] = []
-                inputs: list[Any] = []
-                for e in events:
-                    for record in await rt.records(node.name, e):
-                        try:
-                            ev, x = decode(record)
-                        except BadRecord as err:
-                            await rt.dead(node.name, err, e, record)
-                            continue
-                        decoded.append((e, record, ev))
-                        inputs.append(x)
-                        if len(inputs) >= node.max_batch:
-                            batch = (done, decoded, inputs)
-                            await _hand_over(decoded_batches, batch, inferring)
-                            done, decoded, inputs = [], [], []
-                    done.append(e)
-                if done or inputs:
-                    await _hand_over(decoded_batches, (done, decoded, inputs), inferring)
-        finally:
-            inferring.cancel()
-
-
-async def _hand_over(queue: asyncio.Queue, item: Any, consumer: asyncio.Future) -> None:
-    """Put ``item`` on ``queue``, waiting for room, unless ``consumer`` fails first: then
-    raise its error here (a failed send must stop the agent, not leave it waiting)."""
-    put = asyncio.ensure_future(queue.put(item))
-    await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
-    if put.done():
-        return
-    put.cancel()
-    if consumer.cancelled() or consumer.exception() is None:
-        raise RuntimeError("the inference loop ended while events were waiting")
-    raise consumer.exception()
-
-
-def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
-    """The comparison node: an agent that feeds its topics' records to a ComparisonState
-    (abdag.comparators.comparison: the join, serving, metrics, snapshots) and sends what it
-    gives back; a task that sends the expiry ticks it asks for; the periodic snapshots."""
-    dag = rt.dag.name
-    experiment = experiment_name(dag, node.name)
-    sides = {node_topic(dag, node.a): A, node_topic(dag, node.b): B}
-    if node.labels:
-        sides[node_topic(dag, node.labels)] = LABEL
-    tick_topic = f"abdag.{dag}.{node.name}.ticks"
-    names = [*sides, tick_topic]
-    source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
-    pairs_name, served_name = pairs_topic(dag), served_topic(dag, node.name)
-    snaps_name = snapshots_topic(dag)
-    table = rt.app.Table(
-        f"{node.name}-join",
-        partitions=rt.dag.partitions,
-        key_type=bytes,
-        value_type=bytes,
-    )
-    store = JsonTable(table)
-
-    def route_writes(incoming: Incoming) -> None:
-        store.event = incoming.source  # each held write goes to its event's partition
-
-    state = ComparisonState(
-        node,
-        store,
-        experiment=experiment,
-        worker=rt.worker,
-        thresholds=(_threshold(rt, node.a), _threshold(rt, node.b)),
-        on_incoming=route_writes,
-    )
-    rt.controls[experiment] = state.control  # the decisions follower updates it
-
-    def snapshot_records(due: list[tuple[int, list[dict]]]) -> list[tuple[bytes, bytes, None]]:
-        return [(str(p).encode(), orjson.dumps(rows), None) for p, rows in due]
-
-    @rt.app.agent(source, name=f"{node.name}-join")
-    async def compare(stream):
-        # A batch at a time: every record is decoded first (a dead letter for one that is not
-        # JSON waits on the producer), then the state handles the batch with no await, so no
-        # other task sees the table's writes held; they are one changelog record per request,
-        # and the batch's sends (changelog first) are queued together. The batch is
-        # acknowledged once its sends are queued (see Batches).
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            batch = []
-            for e in events:
-                msg = e.message
-                if msg.topic == tick_topic:
-                    rid = (e.key or b"").decode("utf-8", errors="replace")
-                    batch.append(Incoming(TICK, msg.partition, (Packed(rid, None),), e))
-                else:
-                    records = await rt.records(node.name, e)
-                    batch.append(Incoming(sides[msg.topic], msg.partition, records, e))
-            out = state.process(batch, time.time)
-            await rt.output.send_all(store.flush())
-            for refused in out.refused:
-                await rt.dead(node.name, refused.error, refused.incoming.source, refused.record)
-            await rt.send(served_name, out.served)
-            await rt.output.send_all(
-                OutRecord(pairs_name, str(p).encode(), orjson.dumps(rows), None, p)
-                for p, rows in _packed(out.pairs.values(), PAIR_ROWS_PER_RECORD)
-            )
-            await rt.send(snaps_name, snapshot_records(out.snapshots))
-
-    @rt.app.task
-    async def expiry_ticks() -> None:
-        """Send a tick for each request the state says is due, to the owner of its
-        partition (the agent above, there, expires it); look again when the state says."""
-        while not rt.app.should_stop:
-            due = state.ticks_due(time.time())
-            if due:
-                await rt.send(tick_topic, [(rid.encode(), b"{}", None) for rid in due])
-            now = time.time()
-            await rt.app.sleep(state.next_check(now) - now)
-
-    @rt.app.timer(interval=node.snapshot_interval, name=f"{node.name}-snapshots")
-    async def periodic_snapshots() -> None:
-        due = state.snapshots_due(time.time())
-        if due:
-            await rt.send(snaps_name, snapshot_records(due))
-
-    experiments_sink = rt.sink("experiments", EXPERIMENT_COLUMNS)
-
-    @rt.app.task
-    async def declare_experiment() -> None:
-        """Record what the DAG says about this experiment (margin, group, mode) for reports."""
-        from datetime import UTC, datetime
-
-        row = [
-            experiment,
-            datetime.now(UTC),
-            dag,
-            node.name,
-            node.group,
-            node.group_size,
-            node.a,
-            node.b,
-            node.task,
-            node.mode,
-            node.split,
-            node.margin,
-            ",".join(node.metrics or ()),  # what the report shows ('' = the task's defaults)
-        ]
-        await rt.in_thread(experiments_sink.write, [row])
 
 
 def _result_sinks(rt: DagRuntime) -> None:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from abdag.agents.app import _hand_over
+from abdag.agents.nodes.model import _hand_over
 
 
 def test_hand_over_puts_the_batch_when_the_queue_has_room():

@@ -7,12 +7,19 @@ served answers go to ``abdag.<dag>.<comparison>.served``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from abdag.agents.nodes.base import Node
-from abdag.comparators.tasks import TASKS
-from abdag.topics import served_topic
+from abdag.comparators.comparison import LABEL, TICK, A, B, ComparisonState, Incoming
+from abdag.comparators.rows import experiment_name
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.topics import node_topic, pairs_topic, served_topic, snapshots_topic
+from abdag.topics.packs import Packed
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
@@ -91,6 +98,134 @@ class Comparison(Node):
                 )
 
     def build(self, rt: DagRuntime) -> None:
-        from abdag.agents.app import _comparison_agents
-
         _comparison_agents(rt, self)
+
+
+# -- the worker side: the Faust agents of this kind -------------------------------------
+
+
+def _threshold(rt: DagRuntime, model: str) -> float:
+    """A model node's class threshold (a binary pair without a class gets one with it)."""
+    return getattr(rt.dag.nodes[model], "threshold", DEFAULT_THRESHOLD)
+
+
+def _packed(rows: Iterable[tuple[int, dict]], per_record: int) -> Iterator[tuple[int, list]]:
+    """Rows grouped by partition, at most ``per_record`` to a list."""
+    by_partition: dict[int, list[dict]] = {}
+    for partition, row in rows:
+        by_partition.setdefault(partition, []).append(row)
+    for partition, group in by_partition.items():
+        for k in range(0, len(group), per_record):
+            yield partition, group[k : k + per_record]
+
+
+def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
+    """The comparison node: an agent that feeds its topics' records to a ComparisonState
+    (abdag.comparators.comparison: the join, serving, metrics, snapshots) and sends what it
+    gives back; a task that sends the expiry ticks it asks for; the periodic snapshots."""
+    from abdag.agents.app import EXPERIMENT_COLUMNS, PAIR_ROWS_PER_RECORD, TAKE_MAX, TAKE_WITHIN
+    from abdag.agents.faust_compat import Batches, JsonTable
+    from abdag.agents.producer import OutRecord
+
+    dag = rt.dag.name
+    experiment = experiment_name(dag, node.name)
+    sides = {node_topic(dag, node.a): A, node_topic(dag, node.b): B}
+    if node.labels:
+        sides[node_topic(dag, node.labels)] = LABEL
+    tick_topic = f"abdag.{dag}.{node.name}.ticks"
+    names = [*sides, tick_topic]
+    source = rt.app.topic(*names, key_type=bytes, value_type=bytes, partitions=rt.dag.partitions)
+    pairs_name, served_name = pairs_topic(dag), served_topic(dag, node.name)
+    snaps_name = snapshots_topic(dag)
+    table = rt.app.Table(
+        f"{node.name}-join",
+        partitions=rt.dag.partitions,
+        key_type=bytes,
+        value_type=bytes,
+    )
+    store = JsonTable(table)
+
+    def route_writes(incoming: Incoming) -> None:
+        store.event = incoming.source  # each held write goes to its event's partition
+
+    state = ComparisonState(
+        node,
+        store,
+        experiment=experiment,
+        worker=rt.worker,
+        thresholds=(_threshold(rt, node.a), _threshold(rt, node.b)),
+        on_incoming=route_writes,
+    )
+    rt.controls[experiment] = state.control  # the decisions follower updates it
+
+    def snapshot_records(due: list[tuple[int, list[dict]]]) -> list[tuple[bytes, bytes, None]]:
+        return [(str(p).encode(), orjson.dumps(rows), None) for p, rows in due]
+
+    @rt.app.agent(source, name=f"{node.name}-join")
+    async def compare(stream):
+        # A batch at a time: every record is decoded first (a dead letter for one that is not
+        # JSON waits on the producer), then the state handles the batch with no await, so no
+        # other task sees the table's writes held; they are one changelog record per request,
+        # and the batch's sends (changelog first) are queued together. The batch is
+        # acknowledged once its sends are queued (see Batches).
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
+            batch = []
+            for e in events:
+                msg = e.message
+                if msg.topic == tick_topic:
+                    rid = (e.key or b"").decode("utf-8", errors="replace")
+                    batch.append(Incoming(TICK, msg.partition, (Packed(rid, None),), e))
+                else:
+                    records = await rt.records(node.name, e)
+                    batch.append(Incoming(sides[msg.topic], msg.partition, records, e))
+            out = state.process(batch, time.time)
+            await rt.output.send_all(store.flush())
+            for refused in out.refused:
+                await rt.dead(node.name, refused.error, refused.incoming.source, refused.record)
+            await rt.send(served_name, out.served)
+            await rt.output.send_all(
+                OutRecord(pairs_name, str(p).encode(), orjson.dumps(rows), None, p)
+                for p, rows in _packed(out.pairs.values(), PAIR_ROWS_PER_RECORD)
+            )
+            await rt.send(snaps_name, snapshot_records(out.snapshots))
+
+    @rt.app.task
+    async def expiry_ticks() -> None:
+        """Send a tick for each request the state says is due, to the owner of its
+        partition (the agent above, there, expires it); look again when the state says."""
+        while not rt.app.should_stop:
+            due = state.ticks_due(time.time())
+            if due:
+                await rt.send(tick_topic, [(rid.encode(), b"{}", None) for rid in due])
+            now = time.time()
+            await rt.app.sleep(state.next_check(now) - now)
+
+    @rt.app.timer(interval=node.snapshot_interval, name=f"{node.name}-snapshots")
+    async def periodic_snapshots() -> None:
+        due = state.snapshots_due(time.time())
+        if due:
+            await rt.send(snaps_name, snapshot_records(due))
+
+    experiments_sink = rt.sink("experiments", EXPERIMENT_COLUMNS)
+
+    @rt.app.task
+    async def declare_experiment() -> None:
+        """Record what the DAG says about this experiment (margin, group, mode) for reports."""
+        from datetime import UTC, datetime
+
+        row = [
+            experiment,
+            datetime.now(UTC),
+            dag,
+            node.name,
+            node.group,
+            node.group_size,
+            node.a,
+            node.b,
+            node.task,
+            node.mode,
+            node.split,
+            node.margin,
+            ",".join(node.metrics or ()),  # what the report shows ('' = the task's defaults)
+        ]
+        await rt.in_thread(experiments_sink.write, [row])

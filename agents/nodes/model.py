@@ -6,12 +6,19 @@ models; the prediction is added under the node's name.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from abdag.agents.nodes.base import Node
-from abdag.topics import Event, Prediction, fields_of
+from abdag.settings import Settings
+from abdag.topics import BadRecord, Event, Prediction, encode, event_from, fields_of, node_topic
+from abdag.topics.packs import Packed
+
+log = logging.getLogger("abdag.worker")
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
@@ -84,6 +91,198 @@ class ModelNode(Node):
         return Event(ev.request_id, ev.ts, ev.payload, {**ev.outputs, self.name: fields_of(pred)})
 
     def build(self, rt: DagRuntime) -> None:
-        from abdag.agents.app import _model_agent
-
         _model_agent(rt, self)
+
+
+# -- the worker side: the Faust agents of this kind -------------------------------------
+
+
+class ModelSlot:
+    """The model a node runs now, swapped between batches when the registry has a newer one.
+
+    A swap replaces one reference: the batch in flight finishes on the old model, the next
+    runs on the new one, so no event is dropped and each prediction names its version.
+    """
+
+    def __init__(self, node: ModelNode, settings: Settings) -> None:
+        self.node = node
+        self.settings = settings
+        self.runner, self.version = self._load()
+
+    def _load(self):
+        from abdag.agents.model_source import resolve
+        from abdag.models import BatchRunner, load_model
+
+        src = resolve(self.node, self.settings)
+        model = load_model(
+            src.path,
+            name=self.node.name,
+            device=self.node.device,
+            model_class=src.model_class,
+            model_kwargs=src.model_kwargs,
+        )
+        runner = BatchRunner(model, None, self.node.output, threshold=self.node.threshold)
+        return runner, src.version or model.version
+
+    def reload_if_newer(self) -> bool:
+        from abdag.agents.model_source import resolve
+
+        try:
+            if resolve(self.node, self.settings).version == self.version:
+                return False
+            runner, version = self._load()
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            log.error(
+                "node %s: new model version not loaded, keeping %s: %s",
+                self.node.name,
+                self.version,
+                exc,
+            )
+            return False
+        log.warning(
+            "node %s: now serving model version %s (was %s)", self.node.name, version, self.version
+        )
+        self.runner, self.version = runner, version
+        return True
+
+
+def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
+    from abdag.agents.app import INLINE_BELOW_MS
+    from abdag.agents.faust_compat import Batches
+    from abdag.agents.model_source import resolve
+
+    (upstream,) = node.inputs
+    out = node_topic(rt.dag.name, node.name)
+    slot = ModelSlot(node, rt.settings)
+
+    def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
+        runner, version = slot.runner, slot.version  # one model for the whole batch
+        start = time.perf_counter()
+        results = runner.run(inputs)
+        return results, (time.perf_counter() - start) * 1000.0, version
+
+    if resolve(node, rt.settings).follows_latest:
+
+        @rt.app.timer(interval=node.reload_interval, name=f"{node.name}-reload")
+        async def follow_registry() -> None:
+            await rt.in_thread(slot.reload_if_newer)
+
+    def decode(record: Packed) -> tuple[Event, Any]:
+        ev = event_from(record.body)
+        try:
+            return ev, node.build_input(ev)
+        except BadRecord:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's input builder failed
+            raise BadRecord("bad input", f"{type(exc).__name__}: {exc}", ev.request_id) from exc
+
+    async def publish(batches: Batches, events: list[Any], decoded: list, inferred: tuple) -> None:
+        """Send an inferred batch on (the model's refusals to dead letters), then acknowledge
+        it: only then may its offsets be committed."""
+        results, latency_ms, version = inferred
+        now = time.time()
+        ready = []
+        for (e, record, ev), res in zip(decoded, results, strict=True):
+            if not res.ok:
+                reason = res.reason or "model error"
+                code = "model error" if reason.startswith("model") else "bad input"
+                err = BadRecord(code, reason, ev.request_id)
+                await rt.dead(node.name, err, e, record)
+                continue
+            ev.outputs[node.name] = fields_of(
+                Prediction(
+                    model=node.name,
+                    version=version,
+                    output=res.output,
+                    score=res.score,
+                    label=res.label,
+                    latency_ms=latency_ms,
+                    worker=rt.worker,
+                    batch_size=len(decoded),
+                    ts=now,
+                )
+            )
+            ready.append((e.message.partition, encode(ev), record.headers))
+        await rt.send_packed(out, ready)
+        await batches.finish(events)
+
+    inline = True  # the last batch was quick enough to infer on the event loop
+
+    async def infer_batch(inputs: list[Any]) -> tuple[list[Any], float, str]:
+        """Infer in the executor thread, so the event loop works meanwhile, unless the last
+        batch took under INLINE_BELOW_MS: then the thread hop and the GIL hand-overs after
+        each torch call cost more than they overlap, so the loop infers it itself. (The
+        model ran on a sample event at start-up, so a slow one blocks the loop for one
+        batch at most.)"""
+        nonlocal inline
+        inferred = infer(inputs) if inline else await rt.in_thread(infer, inputs)
+        inline = inferred[1] < INLINE_BELOW_MS
+        return inferred
+
+    async def infer_in_order(batches: Batches, decoded_batches: asyncio.Queue) -> None:
+        """Infer the decoded batches one after another, each sent on while the next infers.
+
+        The next batch is already read and decoded when one finishes (the agent does that
+        meanwhile), so the model is idle only when no events wait."""
+        publishing: asyncio.Future | None = None
+        try:
+            while True:
+                events, decoded, inputs = await decoded_batches.get()
+                inferred = await infer_batch(inputs) if inputs else None
+                if publishing is not None:
+                    await publishing  # in order: batch k is out before batch k+1 is sent
+                    publishing = None
+                if inferred is None:
+                    await batches.finish(events)
+                else:
+                    publishing = asyncio.ensure_future(publish(batches, events, decoded, inferred))
+        finally:
+            if publishing is not None and not publishing.done():
+                publishing.cancel()  # unacknowledged: the batch is read again, not lost
+
+    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
+    async def model_node(stream):
+        # Three batches overlap: this body reads and decodes batch k+2 while the executor
+        # thread infers batch k+1 and batch k is sent on (a quick model infers on the loop:
+        # see infer_batch). A batch is at most max_batch requests: the packs of one take
+        # are cut into such batches, each sent on as soon as it is inferred; a pack is
+        # acknowledged with the batch that holds its last request (batches go out in order).
+        batches = Batches(stream, node.max_batch, node.max_wait, by_hand=True)
+        decoded_batches: asyncio.Queue = asyncio.Queue(maxsize=1)
+        inferring = asyncio.ensure_future(infer_in_order(batches, decoded_batches))
+        try:
+            async for events in batches:
+                done: list[Any] = []  # packs whose every request is in a batch so far
+                decoded: list[tuple[Any, Packed, Event]] = []
+                inputs: list[Any] = []
+                for e in events:
+                    for record in await rt.records(node.name, e):
+                        try:
+                            ev, x = decode(record)
+                        except BadRecord as err:
+                            await rt.dead(node.name, err, e, record)
+                            continue
+                        decoded.append((e, record, ev))
+                        inputs.append(x)
+                        if len(inputs) >= node.max_batch:
+                            batch = (done, decoded, inputs)
+                            await _hand_over(decoded_batches, batch, inferring)
+                            done, decoded, inputs = [], [], []
+                    done.append(e)
+                if done or inputs:
+                    await _hand_over(decoded_batches, (done, decoded, inputs), inferring)
+        finally:
+            inferring.cancel()
+
+
+async def _hand_over(queue: asyncio.Queue, item: Any, consumer: asyncio.Future) -> None:
+    """Put ``item`` on ``queue``, waiting for room, unless ``consumer`` fails first: then
+    raise its error here (a failed send must stop the agent, not leave it waiting)."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
+    if put.done():
+        return
+    put.cancel()
+    if consumer.cancelled() or consumer.exception() is None:
+        raise RuntimeError("the inference loop ended while events were waiting")
+    raise consumer.exception()

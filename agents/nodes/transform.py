@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from abdag.agents.nodes.base import Node
-from abdag.topics import Event
+from abdag.topics import BadRecord, Event, encode, event_from, node_topic
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
@@ -40,6 +40,42 @@ class Transform(Node):
         return Event(ev.request_id, ev.ts, payload, dict(ev.outputs))
 
     def build(self, rt: DagRuntime) -> None:
-        from abdag.agents.app import _transform_agent
-
         _transform_agent(rt, self)
+
+
+# -- the worker side: the Faust agents of this kind -------------------------------------
+
+
+def _transform_agent(rt: DagRuntime, node: Transform) -> None:
+    from abdag.agents.app import TAKE_MAX, TAKE_WITHIN
+    from abdag.agents.faust_compat import Batches
+
+    (upstream,) = node.inputs
+    out = node_topic(rt.dag.name, node.name)
+
+    @rt.app.agent(rt.topic(node_topic(rt.dag.name, upstream)), name=node.name)
+    async def transform(stream):
+        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
+            ready = []
+            for e in events:
+                for record in await rt.records(node.name, e):
+                    try:
+                        ev = event_from(record.body)
+                        payload = node.fn(ev.payload)
+                    except BadRecord as err:
+                        await rt.dead(node.name, err, e, record)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - the user's function failed
+                        err = BadRecord(
+                            "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
+                        )
+                        await rt.dead(node.name, err, e, record)
+                        continue
+                    if not isinstance(payload, dict):
+                        why = f"returned {type(payload).__name__}, not a dict"
+                        err = BadRecord("transform error", why, ev.request_id)
+                        await rt.dead(node.name, err, e, record)
+                        continue
+                    ev.payload = payload
+                    ready.append((e.message.partition, encode(ev), record.headers))
+            await rt.send_packed(out, ready)
