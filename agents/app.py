@@ -59,11 +59,9 @@ INLINE_BELOW_MS = 2.0  # a model node infers a batch this quick on the event loo
 TAKE_MAX = 500
 TAKE_WITHIN = 0.05
 # Records an input agent may have waiting (Faust's default is 4096 per agent). Input topics
-# carry one request or label per record, one by one; Faust stops fetching a partition at
-# 80% of this and resumes at 40%, and with 4096 the fetches already under way filled the
-# queue, so each further record waited for a slot and the fetcher stalled between pauses
-# (a worker reading a backlog of requests: 4.7-5.3k -> 6.5-7.9k records/s with 16384).
-# Node topics carry packs of up to 1000 records and keep Faust's default.
+# carry one request or label per record; Faust stops fetching a partition at 80% of this and
+# resumes at 40%, and with 4096 the fetcher stalled between pauses on a backlog
+# (docs/design-notes.md). Node topics carry packs of up to 1000 records: Faust's default.
 INPUT_BUFFER = 16384
 # The pairs topic carries lists of rows (one record per partition and batch, not per pair:
 # it only feeds the ClickHouse sink); 200 rows stay well under Kafka's 1 MB record limit.

@@ -6,8 +6,7 @@ Facts behind each value are in the project's broker notes:
 - Tansu's ListOffsets answers the first offset of the last record batch + 1, which made
   table changelogs recover stale; abdag's consumer reads changelog ends from a fetch
   instead (:func:`abdag.agents.faust_compat.consumer.fetched_end_offsets`), so the producer
-  batches as usual
-  (single-record batches, the earlier workaround, cost about half the throughput);
+  batches as usual (single-record batches, the earlier workaround, halved throughput);
 - at-least-once, never exactly_once (Tansu refuses transactional producers); everything
   downstream tolerates re-delivery, and a short commit interval keeps re-deliveries few;
 - no standby replicas: a partition's table is recovered from its changelog when it moves;
@@ -15,11 +14,9 @@ Facts behind each value are in the project's broker notes:
   GIL with Faust's consumer thread and the executor's sinks and models, and each hand-over
   could stall it up to the interval (:func:`tune_interpreter`);
 - a young-generation garbage collection every 50,000 net allocations, not Python's 700:
-  Faust allocates several objects per record (events, messages, futures), so the default
-  ran ~800 collections in a 10,000-request run and the collector took ~11% of a busy
-  worker's CPU (1.55 s of ~14 s, timed with ``gc.callbacks``; 0.11 s with this setting);
-  what starts with the worker (modules, models) is frozen out of collections
-  (:func:`freeze_startup_heap`);
+  Faust allocates several objects per record (events, messages, futures), and the collector
+  took a tenth of a busy worker's CPU (docs/design-notes.md); what starts with the worker
+  (modules, models) is frozen out of collections (:func:`freeze_startup_heap`);
 - ``stream_wait_empty=False``: a rebalance does not wait for events held in a micro-batch
   buffer (with ``take_events`` that wait can deadlock: seen as a worker stuck in
   "wait_empty" after another was killed). Un-acknowledged events are simply re-delivered,
@@ -37,7 +34,7 @@ from typing import Any
 
 from abdag.settings import Settings
 
-GIL_SWITCH_INTERVAL_S = 0.0005  # the A/B DAG: +7% pairs/s against 5 ms (bench.end_to_end)
+GIL_SWITCH_INTERVAL_S = 0.0005  # faster than Python's 5 ms (docs/design-notes.md)
 GC_THRESHOLDS = (50_000, 20, 50)  # young, middle, old (Python's: 700, 10, 10)
 BUSY_FETCH_WAIT_MS = 100  # Tansu, while records flow (see FetchWait)
 IDLE_FETCH_WAIT_MS = 500  # Tansu, after 2 s without records
@@ -116,15 +113,9 @@ class FetchWait:
 
 def fetch_wait(settings: Settings) -> FetchWait | None:
     """The workers' fetch wait: ``ABDAG_FETCH_MAX_WAIT_MS`` fixes it; by default on Tansu it
-    is 100 ms while records flow and 500 ms when idle; on Kafka it is Faust's own (1500 ms:
-    Kafka answers a held fetch as soon as records arrive).
-
-    Measured on Tansu (A/B DAG, one worker, requests paced at 50/s, two rounds each):
-    produce -> pair p50 590-660 ms with a fixed 500 ms, 183 ms with 100/500, 122-129 ms
-    with 40/500. Idle, worker + broker used 10% of a core with 500, 100/500 or 40/500, 25%
-    with a fixed 40 ms. 40 ms while busy cost throughput where the broker shares the cores
-    with the models: two pinned model-bound workers made 158-172 pairs/s against 197-202
-    with 500 or 100. Faust's own 1500 ms cost ~380 ms per hop."""
+    is 100 ms while records flow and 500 ms when idle (the measurements behind both are in
+    docs/design-notes.md); on Kafka it is Faust's own (1500 ms: Kafka answers a held fetch
+    as soon as records arrive)."""
     ms = settings.fetch_max_wait_ms
     if ms is not None:
         return FetchWait(busy_ms=ms, idle_ms=ms)

@@ -1,12 +1,9 @@
 """Where the agents' output records go: librdkafka (confluent-kafka), not Faust's producer.
 
-Faust's producer is aiokafka's, in Python on the event loop: its send path was ~20% of a
-busy worker's time, and a Faust pass-through agent sending with a confluent-kafka producer
-ran 3.3x faster (3.0k -> 9.8k events/s on a 2-core machine). In abdag, sending the
-comparison node's join-table changelog here too (``abdag.agents.faust_compat.tables``) was
-the largest of the steps that took the comparison node alone from 810 to 1,777 pairs/s in one
-session (bench.comparison, back to back). librdkafka batches, sends and retries in its own
-threads.
+Faust's producer is aiokafka's, in Python on the event loop, and its send path was a fifth
+of a busy worker's time; librdkafka batches, sends and retries in its own threads (the
+figures are in docs/design-notes.md). The comparison node's join-table changelog goes here
+too (``abdag.agents.faust_compat.tables``).
 
 At-least-once needs every record an event caused to be delivered before the event's offset
 is committed. Faust flushes only its own producer before a commit, so abdag's consumer

@@ -306,11 +306,8 @@ class ComparisonState:
     # -- expiries ----------------------------------------------------------------------
     def next_deadline(self) -> float:
         """The earliest deadline the join holds (``inf`` with none); a request whose tick is
-        on its way counts until the tick comes back.
-
-        A C-speed min over the deadlines PairJoin keeps in memory for its expiry check (it
-        has no accessor for them), not a pass in Python over every entry."""
-        return min(self.join._deadlines.values(), default=math.inf)
+        on its way counts until the tick comes back."""
+        return self.join.next_deadline()
 
     def ticks_due(self, now: float) -> list[str]:
         """Request ids to send a tick for at ``now``: due in the join, with no tick sent in

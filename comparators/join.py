@@ -36,6 +36,7 @@ abdag.topics.records.BadRecord: conflicting label: request r1 already has label 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -189,6 +190,11 @@ class PairJoin:
         entry = dict(entry, stage=stage - 1)
         emitted = self._emit(request_id, entry, stage)
         return replace(emitted, newly_labelled=False, newly_paired=False, replay=True)
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of an entry this join knows (``inf`` with none): when
+        :meth:`due` next has something to say (a C-speed min, not a pass over the store)."""
+        return min(self._deadlines.values(), default=math.inf)
 
     def due(self, now: float) -> Iterator[str]:
         """Request ids whose entry needs attention at ``now`` (see :meth:`expire`)."""

@@ -168,8 +168,8 @@ _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (Prediction, *_KIN
 def fields_of(record: Prediction | Event | Label | DeadLetter) -> dict[str, Any]:
     """A record's fields as a new dict that shares their values.
 
-    Not ``dataclasses.asdict``: it deep-copies the payload and every output, 40x slower on
-    an event (80 vs 2 us), and it ran several times per request in a busy worker.
+    Not ``dataclasses.asdict``: it deep-copies the payload and every output, much slower on
+    an event, and it ran several times per request in a busy worker (docs/design-notes.md).
     """
     return {name: getattr(record, name) for name in _FIELDS[type(record)]}
 

@@ -72,7 +72,7 @@ def hold_log_level(app: Any, loglevel: str) -> None:
 
     Faust's worker (through mode) leaves the root logger at DEBUG and filters in the
     handler, so every ``log.debug`` in aiokafka and Faust built a record only to drop it:
-    measured ~6% of a busy worker's CPU (py-spy, comparison node)."""
+    a measurable share of a busy worker's CPU (docs/design-notes.md)."""
     level = LOG_LEVELS[loglevel]
 
     @app.task

@@ -11,7 +11,8 @@ partition, the one the key lives in (where Faust would send it).
 
 The flush returns the changelog records for the agent to send with its other output
 (librdkafka, behind the commit gate: ``abdag.agents.producer``) instead of through Faust's
-producer, whose Python send path was ~12% of a busy comparison worker's samples. They are
+producer, whose Python send path was a large share of a busy comparison worker's time
+(docs/design-notes.md). They are
 the records Faust writes (raw key, raw value, ``None`` to delete), so Faust recovers the
 table from them as ever.
 """
