@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,9 +45,13 @@ from abdag.settings import Settings
 from abdag.topics import (
     BadRecord,
     DeadLetter,
+    Event,
+    Label,
     dead_letter_topic,
     decode_dead_letter,
     encode,
+    input_topic,
+    node_topic,
     pairs_topic,
     snapshots_topic,
 )
@@ -131,6 +135,29 @@ class DagRuntime:
             OutRecord(topic, None, value, None, partition)
             for partition, value in packs_by_partition(entries)
         )
+
+    def input_agent(
+        self, node: Any, read: Callable[[Any, float], Event | Label], agent: str
+    ) -> None:
+        """The agent of an input topic (a source's, a label source's): ``read(event, now)``
+        turns each record users wrote into a record of the DAG (or raises BadRecord: a dead
+        letter); the records go on to the node's topic, each placed by its request id."""
+        out = node_topic(self.dag.name, node.name)
+        inputs = self.topic(input_topic(self.dag.name, node.name), buffer=INPUT_BUFFER)
+
+        @self.app.agent(inputs, name=agent)
+        async def read_input(stream):
+            async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
+                now = time.time()
+                ready = []
+                for e in events:
+                    try:
+                        record = read(e, now)
+                    except BadRecord as err:
+                        await self.dead(node.name, err, e)
+                        continue
+                    ready.append((self.partition_of(record.request_id), encode(record), e.headers))
+                await self.send_packed(out, ready)
 
     def partition_of(self, request_id: str) -> int:
         """The partition of a request on every topic of the DAG."""

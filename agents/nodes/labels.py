@@ -7,12 +7,11 @@ partition of the comparison (which checks the label against its task).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from abdag.agents.nodes.base import Node
-from abdag.topics import BadRecord, encode, input_topic, label_from_raw, node_topic
+from abdag.topics import input_topic, label_from_raw, node_topic
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
@@ -37,23 +36,4 @@ class LabelSource(Node):
 
 
 def _label_agent(rt: DagRuntime, node: LabelSource) -> None:
-    from abdag.agents.app import INPUT_BUFFER, TAKE_MAX, TAKE_WITHIN
-    from abdag.agents.faust_compat import Batches
-
-    out = node_topic(rt.dag.name, node.name)
-
-    inputs = rt.topic(input_topic(rt.dag.name, node.name), buffer=INPUT_BUFFER)
-
-    @rt.app.agent(inputs, name=f"{node.name}-labels")
-    async def labels(stream):
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            now = time.time()
-            ready = []
-            for e in events:
-                try:
-                    lab = label_from_raw(e.value, e.key, now)
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e)
-                    continue
-                ready.append((rt.partition_of(lab.request_id), encode(lab), e.headers))
-            await rt.send_packed(out, ready)
+    rt.input_agent(node, lambda e, now: label_from_raw(e.value, e.key, now), f"{node.name}-labels")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from abdag.agents.nodes.base import Node
-from abdag.topics import BadRecord, Event, encode, input_topic, node_topic, request_from_raw
+from abdag.topics import BadRecord, Event, input_topic, node_topic, request_from_raw
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
@@ -63,25 +63,10 @@ class Source(Node):
 
 
 def _source_agent(rt: DagRuntime, node: Source) -> None:
-    from abdag.agents.app import INPUT_BUFFER, TAKE_MAX, TAKE_WITHIN
-    from abdag.agents.faust_compat import Batches
+    def read(e: Any, now: float) -> Event:
+        m = e.message  # the record's place names it: read twice, it keeps its request id
+        return request_from_raw(
+            e.value, e.key, now, f"{m.topic}/{m.partition}/{m.offset}/{m.timestamp}"
+        )
 
-    out = node_topic(rt.dag.name, node.name)
-
-    inputs = rt.topic(input_topic(rt.dag.name, node.name), buffer=INPUT_BUFFER)
-
-    @rt.app.agent(inputs, name=f"{node.name}-source")
-    async def source(stream):
-        async for events in Batches(stream, TAKE_MAX, TAKE_WITHIN):
-            now = time.time()
-            ready = []
-            for e in events:
-                try:
-                    m = e.message
-                    origin = f"{m.topic}/{m.partition}/{m.offset}/{m.timestamp}"
-                    ev = request_from_raw(e.value, e.key, now, origin)
-                except BadRecord as err:
-                    await rt.dead(node.name, err, e)
-                    continue
-                ready.append((rt.partition_of(ev.request_id), encode(ev), e.headers))
-            await rt.send_packed(out, ready)
+    rt.input_agent(node, read, f"{node.name}-source")
