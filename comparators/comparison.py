@@ -45,9 +45,8 @@ import orjson
 
 from abdag.comparators.decisions import served_side
 from abdag.comparators.join import Emitted, PairJoin
-from abdag.comparators.labels import check_label
 from abdag.comparators.rows import pair_row, snapshot_rows
-from abdag.comparators.tasks import DEFAULT_THRESHOLD
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, check_label, task_spec
 from abdag.topics.packs import Headers, Packed
 from abdag.topics.records import BadRecord, event_from, fields_of, label_from
 
@@ -173,7 +172,8 @@ class ComparisonState:
         self._models = {A: spec.a, B: spec.b}
         self._since_snapshot: Counter[int] = Counter()  # counted updates since the last one
         self._last_snapshot: dict[int, float] = {}
-        self._classes: int | None = None  # multiclass: the models' number of classes, once seen
+        self._classes: int | None = None  # the models' number of classes, once a softmax is seen
+        self._classes_out = task_spec(spec.task).classes
         self._ticked: dict[str, float] = {}  # request id -> when its tick was sent
         self._rescanned_at = -math.inf  # when join.due last rescanned the store
 
@@ -217,7 +217,7 @@ class ComparisonState:
             ev = event_from(record.body)
             pred = fields_of(ev.prediction(self._models[side]))
             pred["request_ts"] = ev.ts
-            if isinstance(pred["output"], list) and self.spec.task == "multiclass":
+            if isinstance(pred["output"], list) and self._classes_out:
                 self._classes = max(self._classes or 0, len(pred["output"]))
             emitted = self.join.offer_prediction(side, ev.request_id, pred, now, ev.digest)
         except BadRecord as err:

@@ -41,7 +41,7 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from abdag.comparators.labels import label_text
+from abdag.comparators.tasks import label_text
 from abdag.topics.records import BadRecord
 
 UNPAIRED, PAIRED, LABELLED = 1, 2, 3

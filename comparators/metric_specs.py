@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from abdag.comparators.tasks import TASKS
+from abdag.comparators.tasks import EPS, TASKS, task_spec
 
 __all__ = [
     "AVAILABLE_METRICS",
@@ -63,8 +63,6 @@ __all__ = [
     "specs_for",
 ]
 
-EPS = 1e-15
-"""Probability clip for log loss (river's value), in numpy, SQL and live alike."""
 _NAN = float("nan")
 
 
@@ -487,8 +485,7 @@ def specs_for(task: str, names: Sequence[str] | None = None) -> tuple[MetricSpec
     >>> [m.name for m in specs_for("multiclass")]
     ['accuracy', 'macro_f1', 'micro_f1']
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    task_spec(task)  # an unknown task raises, naming the known ones
     names = DEFAULT_METRICS[task] if names is None else tuple(names)
     unknown = [k for k in names if k not in AVAILABLE_METRICS[task]]
     if unknown:

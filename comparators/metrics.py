@@ -2,9 +2,8 @@
 
 One :class:`PairMetrics` lives in the comparison node per experiment and Kafka partition.
 It is updated once per paired request and gives live values for dashboards
-(:meth:`PairMetrics.snapshot`), and mergeable sufficient statistics
-(:meth:`PairMetrics.sufficient_stats`) so that partitions spread over several workers add up
-to the exact single-worker answer (:func:`merge_sufficient`, :func:`metrics_from_sufficient`).
+(:meth:`PairMetrics.snapshot`, one ``metric_snapshots`` row per partition and metric); the
+report and the dashboard compute theirs from the ``pairs`` rows in SQL.
 
 Each metric is defined once, in :mod:`abdag.comparators.metric_specs` (its live face reads the
 statistics below); this module keeps those statistics, once per pair. What is river and
@@ -13,27 +12,27 @@ what is not, and why:
 * Confusion-matrix metrics (accuracy, precision, recall, F1, macro/micro F1) are river metrics
   sharing **one** ``river.metrics.ConfusionMatrix`` per model. Only the matrix is updated,
   once per event: updating each metric that shares a matrix would count the event once per
-  metric. The matrix counts are the sufficient statistic, so merged values are exact.
+  metric.
 * Log loss, MAE, RMSE and R2 are read from sums kept per pair (loss, absolute and squared
-  error, Welford moments of the labels): mergeable and exact, the same values as river's
-  metrics without updating those too.
+  error, Welford moments of the labels): exact, the same values as river's metrics without
+  updating those too.
 * ROC AUC and PR AUC come from a fixed-bin score histogram per label (:class:`ScoreHistogram`),
   not from ``river.metrics.ROCAUC``: river's is an approximation over ``n_thresholds``
-  (its own doc example gives 0.875 for a true 0.75) and cannot be merged. The histogram is
-  mergeable and its ROC AUC is within a computable bound of the exact value:
+  (its own doc example gives 0.875 for a true 0.75). The histogram's ROC AUC is within a
+  computable bound of the exact value:
   ``|auc - exact| <= roc_auc_err_bound`` (pairs of a positive and a negative in the same bin
   count as ties). With the default 1000 bins the bound is usually below 1e-3. PR AUC is
   scikit-learn's ``average_precision_score`` on the binned scores. ``"roc_auc_river"`` adds
   river's ROCAUC as an opt-in (costly, about 35 us per update at 100 thresholds).
 * Latency quantiles come from a log-bucket sketch (:class:`LogHistogram`, 1 % relative
-  accuracy) rather than ``river.stats.Quantile``, whose P2 state cannot be merged.
+  accuracy, a bound river's P2 ``river.stats.Quantile`` does not give).
 
 A binary pair without a predicted class gets one from its score and ``threshold_a`` /
 ``threshold_b`` (default ``DEFAULT_THRESHOLD``, 0.5); abdag's model nodes always send the
 class they derived with their own ``ModelNode.threshold``.
 
-Loss per request (the quantity the sequential test uses): binary log loss (probabilities
-clipped to [1e-15, 1 - 1e-15], as river), multiclass 0/1 loss, regression squared error.
+Loss per request (the quantity the sequential test uses): the task's
+(:meth:`abdag.comparators.tasks.Task.request_loss`).
 
 >>> pm = PairMetrics("binary")
 >>> rows = [  # score_a, pred_a, score_b, pred_b, label
@@ -47,23 +46,12 @@ clipped to [1e-15, 1 - 1e-15], as river), multiclass 0/1 loss, regression square
 (0.5, 2.0, 0.0)
 >>> round(snap["b"]["latency_p50_ms"], 1)
 7.0
-
-Two partitions merge to the single-pass answer:
-
->>> p1, p2 = PairMetrics("binary"), PairMetrics("binary")
->>> for i, r in enumerate(rows):
-...     (p1 if i % 2 else p2).update(*r)
->>> merged = metrics_from_sufficient(merge_sufficient([p1.sufficient_stats(),
-...                                                   p2.sufficient_stats()]))
->>> merged["a"]["f1"] == pm.snapshot()["a"]["f1"]
-True
-
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -72,7 +60,6 @@ from river import metrics as rm
 from abdag.comparators.metric_specs import (
     AVAILABLE_METRICS,
     DEFAULT_METRICS,
-    EPS,
     LiveStats,
     MetricSpec,
     hist_auc_bound,
@@ -80,7 +67,7 @@ from abdag.comparators.metric_specs import (
     hist_roc_auc,
     specs_for,
 )
-from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, EPS, TASKS, task_spec
 
 __all__ = [
     "AVAILABLE_METRICS",
@@ -90,8 +77,6 @@ __all__ = [
     "PairMetrics",
     "ScoreHistogram",
     "TASKS",
-    "merge_sufficient",
-    "metrics_from_sufficient",
     "request_loss",
 ]
 
@@ -99,18 +84,12 @@ _NAN = float("nan")
 
 
 def request_loss(task: str, score: float | None, pred: int | None, label: float) -> float:
-    """Loss of one prediction: log loss (binary), 0/1 (multiclass), squared error (regression).
+    """Loss of one prediction for ``task`` (:meth:`abdag.comparators.tasks.Task.request_loss`).
 
     >>> round(request_loss("binary", 0.8, 1, 1), 4), request_loss("multiclass", None, 2, 1)
     (0.2231, 1.0)
     """
-    if task == "binary":
-        p = min(max(score, EPS), 1.0 - EPS)  # type: ignore[type-var]
-        return -math.log(p) if label == 1 else -math.log(1.0 - p)
-    if task == "multiclass":
-        return 0.0 if pred == int(label) else 1.0
-    e = score - label  # type: ignore[operator]
-    return e * e
+    return task_spec(task).request_loss(score, pred, label)
 
 
 class ScoreHistogram:
@@ -151,19 +130,6 @@ class ScoreHistogram:
 
     def pr_auc(self) -> float:
         return hist_average_precision(self.pos, self.neg)
-
-    def to_sparse(self) -> dict[str, list[list[int]]]:
-        return {
-            "pos": [[int(i), int(self.pos[i])] for i in np.flatnonzero(self.pos)],
-            "neg": [[int(i), int(self.neg[i])] for i in np.flatnonzero(self.neg)],
-        }
-
-
-def _dense(sparse: Iterable[Sequence[int]], n: int) -> np.ndarray:
-    out = np.zeros(n, dtype=np.int64)
-    for i, c in sparse:
-        out[int(i)] += int(c)
-    return out
 
 
 class LogHistogram:
@@ -253,6 +219,9 @@ class PairMetrics:
     ) -> None:
         specs = specs_for(task, metrics)
         self.task = task
+        spec = task_spec(task)  # what the task keeps, read once: update runs per pair
+        self._classes, self._positive = spec.classes, spec.positive_score
+        self._needs_score, self._loss = spec.reads == "score", spec.request_loss
         self.metrics = tuple(s.name for s in specs)
         self._specs = specs
         self.auc_bins = auc_bins
@@ -301,8 +270,8 @@ class PairMetrics:
         A label that arrives after its pair was already counted is added with
         ``count_pair=False``, so the label-free statistics see each request once.
         """
-        task = self.task
-        if task == "binary":  # a missing class: from the score and the model's threshold
+        classes, positive = self._classes, self._positive
+        if positive:  # a missing class: from the score and the model's threshold
             if pred_a is None and score_a is not None:
                 pred_a = int(score_a >= self.threshold_a)
             if pred_b is None and score_b is not None:
@@ -310,7 +279,7 @@ class PairMetrics:
         sa, sb = self._side["a"], self._side["b"]
         if count_pair:
             self.n_pairs += 1
-            if task != "regression" and pred_a is not None and pred_b is not None:
+            if classes and pred_a is not None and pred_b is not None:
                 self.n_agree += pred_a == pred_b
             if score_a is not None and score_b is not None:
                 self.n_score_pairs += 1
@@ -321,9 +290,10 @@ class PairMetrics:
                 sb["latency"].update(latency_b_ms)
         if label is None:
             return
-        if task == "regression":
-            if score_a is None or score_b is None:
-                return
+        if self._needs_score and (score_a is None or score_b is None):
+            return
+        loss = self._loss
+        if not classes:  # a value: error sums and the labels' moments
             y = float(label)
             self.y_n += 1
             delta = y - self.y_mean
@@ -333,13 +303,11 @@ class PairMetrics:
                 e = s - y
                 side["abs_err_sum"] += abs(e)
                 side["sq_err_sum"] += e * e
-                side["loss_sum"] += e * e
+                side["loss_sum"] += loss(s, None, y)
                 for m in side["direct"]:
                     m.update(y, s)
         else:
             if pred_a is None or pred_b is None:
-                return
-            if task == "binary" and (score_a is None or score_b is None):
                 return
             y = int(label)
             ok_a, ok_b = pred_a == y, pred_b == y
@@ -347,15 +315,12 @@ class PairMetrics:
             self.b10 += ok_a and not ok_b
             for side, s, p in ((sa, score_a, pred_a), (sb, score_b, pred_b)):
                 side["cm"].update(y, int(p))  # once: every cm metric reads this matrix
-                if task == "binary":
-                    q = EPS if s < EPS else (1.0 - EPS if s > 1.0 - EPS else s)
-                    side["loss_sum"] -= math.log(q) if y == 1 else math.log(1.0 - q)
+                side["loss_sum"] += loss(s, p, y)
+                if positive:
                     for m in side["direct"]:
                         m.update(y == 1, s)
                     if side["hist"] is not None:
                         side["hist"].update(s, y)
-                else:
-                    side["loss_sum"] += 0.0 if p == y else 1.0
         self.n_labelled += 1
 
     # ------------------------------------------------------------------ reading
@@ -394,42 +359,6 @@ class PairMetrics:
             self._side["b"]["loss_sum"],
         )
 
-    def sufficient_stats(self) -> dict[str, Any]:
-        """Mergeable counts and sums (JSON-safe) from which every kept metric follows."""
-        sides = {}
-        for m, side in self._side.items():
-            cm = side["cm"]
-            lat = side["latency"]
-            sides[m] = {
-                "cm": [
-                    [int(y), int(p), int(c)] for y, row in cm.data.items() for p, c in row.items()
-                ],
-                "loss_sum": side["loss_sum"],
-                "abs_err_sum": side["abs_err_sum"],
-                "sq_err_sum": side["sq_err_sum"],
-                "hist": side["hist"].to_sparse() if side["hist"] is not None else None,
-                "latency": {
-                    "rel_acc": lat.rel_acc,
-                    "n": lat.n,
-                    "zero": lat.zero,
-                    "buckets": [[k, c] for k, c in lat.buckets.items()],
-                },
-            }
-        return {
-            "task": self.task,
-            "metrics": list(self.metrics),
-            "auc_bins": self.auc_bins,
-            "n_pairs": self.n_pairs,
-            "n_agree": self.n_agree,
-            "n_score_pairs": self.n_score_pairs,
-            "sum_abs_score_diff": self.sum_abs_score_diff,
-            "n_labelled": self.n_labelled,
-            "b01": self.b01,
-            "b10": self.b10,
-            "y": {"n": self.y_n, "mean": self.y_mean, "m2": self.y_m2},
-            **sides,
-        }
-
 
 def _side_values(specs: Iterable[MetricSpec], st: LiveStats, lat: Any) -> dict[str, float]:
     """One model's snapshot: its metrics, mean loss and latency quantiles."""
@@ -460,7 +389,7 @@ def _pair_stats(
         # mean(loss_a - loss_b): positive means B has the lower loss
         "mean_loss_diff": (loss_a - loss_b) / n_lab if n_lab else _NAN,
     }
-    if task != "regression":
+    if task_spec(task).classes:
         agree = n_agree / n_pairs if n_pairs else _NAN
         out.update(
             agreement=agree,
@@ -470,127 +399,4 @@ def _pair_stats(
             positive_flip_rate=b01 / n_lab if n_lab else _NAN,  # A wrong -> B right
             negative_flip_rate=b10 / n_lab if n_lab else _NAN,  # A right -> B wrong
         )
-    return out
-
-
-def merge_sufficient(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Add sufficient statistics from several partitions/workers (same task and metrics)."""
-    if not stats:
-        raise ValueError("nothing to merge")
-    first = stats[0]
-    out: dict[str, Any] = {
-        "task": first["task"],
-        "metrics": list(first["metrics"]),
-        "auc_bins": first["auc_bins"],
-    }
-    for s in stats[1:]:
-        if s["task"] != first["task"] or s["auc_bins"] != first["auc_bins"]:
-            raise ValueError("cannot merge statistics of different tasks or bin counts")
-    for k in ("n_pairs", "n_agree", "n_score_pairs", "sum_abs_score_diff", "n_labelled"):
-        out[k] = sum(s[k] for s in stats)
-    out["b01"] = sum(s["b01"] for s in stats)
-    out["b10"] = sum(s["b10"] for s in stats)
-    # Chan et al. pairwise merge of (n, mean, M2)
-    n, mean, m2 = 0, 0.0, 0.0
-    for s in stats:
-        n2, mean2, m22 = s["y"]["n"], s["y"]["mean"], s["y"]["m2"]
-        if n2 == 0:
-            continue
-        tot = n + n2
-        delta = mean2 - mean
-        mean += delta * n2 / tot
-        m2 += m22 + delta * delta * n * n2 / tot
-        n = tot
-    out["y"] = {"n": n, "mean": mean, "m2": m2}
-    for m in ("a", "b"):
-        sides = [s[m] for s in stats]
-        cm: dict[tuple[int, int], int] = {}
-        for sd in sides:
-            for y, p, c in sd["cm"]:
-                cm[(y, p)] = cm.get((y, p), 0) + c
-        hist = None
-        if sides[0]["hist"] is not None:
-            hist = {lab: _sparse_add(sd["hist"][lab] for sd in sides) for lab in ("pos", "neg")}
-        lat0 = sides[0]["latency"]
-        out[m] = {
-            "cm": [[y, p, c] for (y, p), c in sorted(cm.items())],
-            "loss_sum": sum(sd["loss_sum"] for sd in sides),
-            "abs_err_sum": sum(sd["abs_err_sum"] for sd in sides),
-            "sq_err_sum": sum(sd["sq_err_sum"] for sd in sides),
-            "hist": hist,
-            "latency": {
-                "rel_acc": lat0["rel_acc"],
-                "n": sum(sd["latency"]["n"] for sd in sides),
-                "zero": sum(sd["latency"]["zero"] for sd in sides),
-                "buckets": _sparse_add(sd["latency"]["buckets"] for sd in sides),
-            },
-        }
-    return out
-
-
-def _sparse_add(parts: Iterable[Iterable[Sequence[int]]]) -> list[list[int]]:
-    acc: dict[int, int] = {}
-    for part in parts:
-        for k, c in part:
-            acc[int(k)] = acc.get(int(k), 0) + int(c)
-    return [[k, c] for k, c in sorted(acc.items())]
-
-
-class _Latency:
-    """A merged latency sketch, read like a :class:`LogHistogram`."""
-
-    def __init__(self, lat: dict[str, Any]) -> None:
-        self.gamma = (1 + lat["rel_acc"]) / (1 - lat["rel_acc"])
-        self.buckets = {int(k): int(c) for k, c in lat["buckets"]}
-        self.zero, self.n = lat["zero"], lat["n"]
-
-    def quantile(self, q: float) -> float:
-        return _log_quantile(self.buckets, self.zero, self.n, self.gamma, q)
-
-
-def metrics_from_sufficient(
-    stats: dict[str, Any], task: str | None = None
-) -> dict[str, dict[str, float]]:
-    """Metric values (same shape as :meth:`PairMetrics.snapshot`) from sufficient statistics.
-
-    The same live definitions read a rebuilt confusion matrix and the summed statistics,
-    so values equal the single-worker ones exactly. ``roc_auc_river`` is left out
-    (river's ROCAUC state cannot be merged).
-    """
-    task = task or stats["task"]
-    specs = [s for s in specs_for(task, stats["metrics"]) if s.live_state != "river"]
-    n = stats["n_labelled"]
-    out: dict[str, dict[str, float]] = {}
-    for m in ("a", "b"):
-        sd = stats[m]
-        cm = rm.ConfusionMatrix()
-        for y, p, c in sd["cm"]:
-            cm.update(y, p, w=float(c))
-        pos = neg = None
-        if sd["hist"] is not None:
-            bins = stats["auc_bins"]
-            pos, neg = _dense(sd["hist"]["pos"], bins), _dense(sd["hist"]["neg"], bins)
-        st = LiveStats(
-            n=n,
-            cm=cm,
-            loss_sum=sd["loss_sum"],
-            abs_err_sum=sd["abs_err_sum"],
-            sq_err_sum=sd["sq_err_sum"],
-            y_m2=stats["y"]["m2"],
-            pos=pos,
-            neg=neg,
-        )
-        out[m] = _side_values(specs, st, _Latency(sd["latency"]))
-    out["pair"] = _pair_stats(
-        task,
-        stats["n_pairs"],
-        stats["n_agree"],
-        stats["n_score_pairs"],
-        stats["sum_abs_score_diff"],
-        n,
-        stats["b01"],
-        stats["b10"],
-        stats["a"]["loss_sum"],
-        stats["b"]["loss_sum"],
-    )
     return out

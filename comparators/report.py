@@ -41,7 +41,7 @@ from abdag.comparators.statistics import (
     per_request_loss,
     sequential_test,
 )
-from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.comparators.tasks import TASK_SPECS, TASKS, task_spec
 from abdag.comparators.verdict import Verdict, decide
 
 __all__ = [
@@ -68,16 +68,12 @@ REPORT_METRICS: dict[str, tuple[str, ...]] = {
     t: tuple(k for k in DEFAULT_METRICS[t] if not METRICS[k].live_only) for t in TASKS
 }
 """What a report shows when the DAG declared no metrics: the task's defaults."""
-LOSS_NAMES = {"binary": "log loss", "multiclass": "0/1 loss", "regression": "squared error"}
+LOSS_NAMES = {t: spec.loss for t, spec in TASK_SPECS.items()}
 
 _EXP = "experiment = {experiment:String}"
 # Rows that can be scored, per task. The same predicate feeds the metric SQL, the rows
 # pulled for the tests and the timeline, so every count agrees.
-_SCORABLE = {
-    "binary": "score_a IS NOT NULL AND score_b IS NOT NULL",
-    "multiclass": "pred_a IS NOT NULL AND pred_b IS NOT NULL",
-    "regression": "score_a IS NOT NULL AND score_b IS NOT NULL",
-}
+_SCORABLE = {t: spec.scorable_sql for t, spec in TASK_SPECS.items()}
 _LABELLED = "status = 'paired' AND label IS NOT NULL"
 
 
@@ -109,22 +105,12 @@ ORDER BY reason"""
 LIST_EXPERIMENTS_SQL = "SELECT DISTINCT experiment FROM pairs ORDER BY experiment"
 # DISTINCT is unaffected by duplicate rows, so this one read of pairs needs no FINAL.
 
-PRED_SQL: dict[str, str] = {
-    # a binary row without a class (not one abdag wrote: model nodes send the class made
-    # with their own threshold) falls back on DEFAULT_THRESHOLD
-    "binary": f"ifNull(pred_{{m}}, toInt32(score_{{m}} >= {DEFAULT_THRESHOLD}))",
-    "multiclass": "pred_{m}",
-    "regression": "pred_{m}",
-}
+PRED_SQL: dict[str, str] = {t: spec.pred_sql("{m}") for t, spec in TASK_SPECS.items()}
 """The predicted class of model ``{m}`` per row (NULL when it has none), in every query."""
 
 ROW_COLUMNS: dict[str, dict[str, str]] = {
     task: {
-        "y": {
-            "binary": "toUInt8(assumeNotNull(label))",
-            "multiclass": "toInt64(assumeNotNull(label))",
-            "regression": "assumeNotNull(label)",
-        }[task],
+        "y": TASK_SPECS[task].label_sql,
         **{f"s{m}": f"ifNull(score_{m}, nan)" for m in ("a", "b")},
         **{f"p{m}": f"ifNull({PRED_SQL[task].format(m=m)}, -1)" for m in ("a", "b")},
     }
@@ -144,7 +130,7 @@ def metrics_sql(task: str, names: tuple[str, ...] | list[str] | None = None) -> 
     columns ``n``, ``b01`` / ``b10`` (classification) and ``<metric>_a`` / ``<metric>_b``."""
     names = REPORT_METRICS[task] if names is None else tuple(names)
     cols = ["count() AS n"]
-    if task != "regression":
+    if task_spec(task).classes:
         cols += ["countIf(pa != y AND pb = y) AS b01", "countIf(pa = y AND pb != y) AS b10"]
     for name in names:
         sql = METRICS[name].sql
@@ -422,15 +408,14 @@ def build_report(
                 )
                 lo, hi = iv.low, iv.high
             metrics[name] = (a, b, b - a, lo, hi)
-        if task != "regression":
+        spec = task_spec(task)
+        if spec.classes:
             mcn = mcnemar_from_counts(int(values.get("b01") or 0), int(values.get("b10") or 0))
         loss_a = per_request_loss(task, y, sa, pa)
         loss_b = per_request_loss(task, y, sb, pb)
-        # 0/1 loss differences can start with a run of zeros: one pseudo observation of the
-        # largest variance a {-1, 0, 1} difference can have keeps the early interval honest.
-        seq = sequential_test(
-            loss_a - loss_b, alpha, margin, prior_var=1.0 if task == "multiclass" else 0.0
-        )
+        # a loss that can start with a run of equal values (0/1 loss) gets one pseudo
+        # observation of its largest variance, which keeps the early interval honest
+        seq = sequential_test(loss_a - loss_b, alpha, margin, prior_var=spec.prior_var)
     verdict = (
         decide(seq, mcn, margin=margin, alpha=alpha, min_pairs=min_pairs)
         if seq is not None

@@ -12,6 +12,7 @@ from typing import Any
 
 from abdag.comparators.join import Emitted
 from abdag.comparators.schema import columns
+from abdag.comparators.tasks import task_spec
 
 PAIR_COLUMNS = columns("pairs")  # the tables' columns are declared once, in the schema
 SNAPSHOT_COLUMNS = columns("metric_snapshots")
@@ -28,6 +29,7 @@ def pair_row(
 ) -> dict:
     """A JSON-safe dict with every pairs column (times as epoch seconds)."""
     a, b = emitted.a or {}, emitted.b or {}
+    task = task_spec(node.task)
     request_ts = a.get("request_ts") or b.get("request_ts") or emitted.first_ts
     return {
         "experiment": experiment,
@@ -39,8 +41,8 @@ def pair_row(
         "model_b": node.b,
         "version_a": a.get("version", ""),
         "version_b": b.get("version", ""),
-        "score_a": a.get("score") if node.task != "regression" else _value(a),
-        "score_b": b.get("score") if node.task != "regression" else _value(b),
+        "score_a": task.score_of(a),
+        "score_b": task.score_of(b),
         "pred_a": a.get("label"),
         "pred_b": b.get("label"),
         "label": emitted.label,
@@ -52,11 +54,6 @@ def pair_row(
         "stage": emitted.stage,
         "worker": worker,
     }
-
-
-def _value(pred: dict) -> float | None:
-    out = pred.get("output")
-    return float(out) if isinstance(out, int | float) else pred.get("score")
 
 
 def to_insert_values(row: dict[str, Any]) -> list[Any]:

@@ -35,12 +35,12 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 
 from abdag.comparators.metric_specs import (
-    EPS,
     HIGHER_IS_BETTER,
     METRICS,
     average_precision,
     roc_auc,
 )
+from abdag.comparators.tasks import task_spec
 
 __all__ = [
     "EXACT_BELOW",
@@ -301,21 +301,14 @@ def sequential_test(
 def per_request_loss(
     task: str, y: np.ndarray, score: np.ndarray | None = None, pred: np.ndarray | None = None
 ) -> np.ndarray:
-    """Loss of each request: binary log loss (clipped at 1e-15), multiclass 0/1, regression
-    squared error. ``d = loss_a - loss_b`` feeds :func:`sequential_test`.
+    """Loss of each request for ``task`` (:meth:`abdag.comparators.tasks.Task.per_request_loss`):
+    binary log loss (clipped at 1e-15), multiclass 0/1, regression squared error.
+    ``d = loss_a - loss_b`` feeds :func:`sequential_test`.
 
     >>> per_request_loss("regression", np.array([1.0, 2.0]), np.array([1.5, 2.0]))
     array([0.25, 0.  ])
     """
-    y = np.asarray(y, dtype=float)
-    if task == "binary":
-        p = np.clip(np.asarray(score, dtype=float), EPS, 1.0 - EPS)
-        return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
-    if task == "multiclass":
-        return (np.asarray(pred) != y).astype(float)
-    if task == "regression":
-        return (np.asarray(score, dtype=float) - y) ** 2
-    raise ValueError(f"unknown task {task!r}")
+    return task_spec(task).per_request_loss(y, score, pred)
 
 
 # ------------------------------------------------ metrics vectorised over resamples

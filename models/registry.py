@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abdag.comparators.tasks import TASKS
 from abdag.models.errors import ModelError
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ __all__ = [
 META_FILE = "meta.json"
 META_SCHEMA = 1
 REGISTRY_FORMATS = ("torchscript", "export", "state_dict", "onnx")
-TASKS = ("binary", "multiclass", "regression")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$")
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _HASH_CHUNK = 1 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abdag.comparators.labels import check_label
+from abdag.comparators.tasks import check_label
 from abdag.topics.records import BadRecord
 
 

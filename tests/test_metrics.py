@@ -6,7 +6,6 @@ metric and task in ``tests/test_metric_oracle.py``.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,8 +16,6 @@ from abdag.comparators.metrics import (
     DEFAULT_METRICS,
     LogHistogram,
     PairMetrics,
-    merge_sufficient,
-    metrics_from_sufficient,
 )
 
 REL = 1e-9
@@ -148,48 +145,7 @@ def test_binary_pred_defaults_to_threshold():
     assert pm.snapshot()["a"]["accuracy"] == 0.0 and pm.snapshot()["b"]["accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
-def test_merge_of_partitions_equals_single_pass(task):
-    rng = np.random.default_rng(3)
-    if task == "binary":
-        y, sa, pa, sb, pb, la, lb = _binary(2000, seed=3)
-    else:
-        n = 2000
-        la, lb = rng.gamma(2, 5, n), rng.gamma(2, 8, n)
-        if task == "multiclass":
-            y = rng.integers(0, 3, n)
-            pa = np.where(rng.random(n) < 0.6, y, rng.integers(0, 3, n))
-            pb = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
-            sa, sb = rng.random(n), rng.random(n)
-        else:
-            y = rng.normal(5, 2, n)
-            sa, sb = y + rng.normal(0, 1, n), y + rng.normal(0, 0.8, n)
-            pa = pb = None
-    single = PairMetrics(task)
-    _feed(single, y, sa, pa, sb, pb, la, lb)
-    part = rng.integers(0, 4, len(y))
-    parts = []
-    for k in range(4):
-        pm = PairMetrics(task)
-        _feed(pm, y, sa, pa, sb, pb, la, lb, idx=np.flatnonzero(part == k))
-        # sufficient statistics travel as JSON between workers
-        parts.append(json.loads(json.dumps(pm.sufficient_stats())))
-    merged = metrics_from_sufficient(merge_sufficient(parts))
-    direct = single.snapshot()
-    from_single = metrics_from_sufficient(single.sufficient_stats())
-    for side in ("a", "b", "pair"):
-        assert set(merged[side]) == set(direct[side]) - {"roc_auc_river"}
-        for k, v in direct[side].items():
-            if task == "regression" and k == "r2" and side != "pair":
-                assert merged[side][k] == pytest.approx(v, rel=1e-9)
-            elif k.startswith("latency") or k in ("roc_auc", "pr_auc", "roc_auc_err_bound"):
-                assert merged[side][k] == from_single[side][k]  # same bins, same counts
-                assert merged[side][k] == v
-            else:
-                assert merged[side][k] == pytest.approx(v, rel=1e-12), (side, k)
-
-
-def test_log_histogram_merge_and_edges():
+def test_log_histogram_quantiles_at_the_edges():
     h = LogHistogram()
     assert math.isnan(h.quantile(0.5))
     for x in (0.0, 0.0, 1.0, 10.0):
@@ -203,6 +159,3 @@ def test_bad_arguments():
         PairMetrics("ranking")
     with pytest.raises(ValueError, match=r"unknown regression metrics \['accuracy'\]"):
         PairMetrics("regression", ["accuracy"])
-    a, b = PairMetrics("binary").sufficient_stats(), PairMetrics("regression").sufficient_stats()
-    with pytest.raises(ValueError):
-        merge_sufficient([a, b])

@@ -41,7 +41,7 @@ from abdag.comparators.report import (
 )
 from abdag.comparators.schema import PAIRS_DEDUP
 from abdag.comparators.statistics import confidence_sequence, per_request_loss
-from abdag.comparators.tasks import TASKS
+from abdag.comparators.tasks import TASK_SPECS, TASKS
 
 __all__ = [
     "BUCKETS_SQL",
@@ -90,7 +90,7 @@ def _buckets_sql(task: str, *, by_bucket: bool = True) -> str:
         "if(lab, (toUnixTimestamp64Milli(assumeNotNull(label_ts)) "
         "- toUnixTimestamp64Milli(request_ts)) / 1000.0, NULL) AS delay_s",
     ]
-    if task == "regression":
+    if not TASK_SPECS[task].classes:
         cols.append("avgIf(abs(score_a - score_b), cmp) AS mean_abs_diff")
     else:
         derived += [
@@ -187,7 +187,7 @@ def _figures(task: str, r: dict[str, Any]) -> dict[str, Any]:
     for m in ("a", "b"):
         out[f"latency_p50_{m}"] = r[f"latency_p50_{m}"]
         out[f"latency_p95_{m}"] = r[f"latency_p95_{m}"]
-    if task == "regression":
+    if not TASK_SPECS[task].classes:
         out["mean_abs_diff"] = r["mean_abs_diff"]
     else:
         out["agreement"] = _ratio(r["agree"], r["compared"])
@@ -215,9 +215,7 @@ def _sequential_path(task: str, rows: dict[str, np.ndarray], alpha: float) -> li
     d = per_request_loss(task, y, rows["sa"], rows["pa"]) - per_request_loss(
         task, y, rows["sb"], rows["pb"]
     )
-    _, mean, lo, hi, start = confidence_sequence(
-        d, alpha, prior_var=1.0 if task == "multiclass" else 0.0
-    )
+    _, mean, lo, hi, start = confidence_sequence(d, alpha, prior_var=TASK_SPECS[task].prior_var)
     run_lo = np.full(len(d), -np.inf)
     run_hi = np.full(len(d), np.inf)
     if start < len(d):

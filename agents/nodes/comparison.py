@@ -17,21 +17,13 @@ import orjson
 from abdag.agents.nodes.base import Node
 from abdag.comparators.comparison import LABEL, TICK, A, B, ComparisonState, Incoming
 from abdag.comparators.rows import experiment_name
-from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASKS
+from abdag.comparators.tasks import DEFAULT_THRESHOLD, TASK_SPECS, TASKS
 from abdag.topics import node_topic, pairs_topic, served_topic, snapshots_topic
 from abdag.topics.packs import Packed
 
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
     from abdag.agents.dag import Dag
-
-OUTPUTS_OF_TASK = {
-    "binary": ("sigmoid", "probability"),
-    "multiclass": ("softmax",),
-    "regression": ("value",),
-}
-"""What a model must output for each task (``abdag.agents.nodes.model.OUTPUTS``)."""
-
 
 @dataclass(eq=False)
 class Comparison(Node):
@@ -87,7 +79,7 @@ class Comparison(Node):
             raise self.fail(dag, f"split must be a share in [0, 1], got {self.split!r}")
         if self.margin < 0:
             raise self.fail(dag, f"margin must be >= 0, got {self.margin}")
-        expected = OUTPUTS_OF_TASK[self.task]
+        expected = TASK_SPECS[self.task].outputs
         for side in (self.a, self.b):
             out = dag.nodes[side].output
             if out not in expected:
