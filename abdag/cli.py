@@ -54,8 +54,22 @@ class _Parser(argparse.ArgumentParser):
         return ns, extras
 
 
+TASKS = ["binary", "multiclass", "regression"]
+TASK_HELP = "binary (one score), multiclass (one score per class) or regression (a value)"
+
+
+def _command(sub: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose ``abdag NAME -h`` starts with the line ``abdag -h`` lists."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="abdag", description=__doc__.splitlines()[0])
+    p = _Parser(
+        prog="abdag",
+        description="A/B test a retrained ML model (B) against the one in production (A) on "
+        "live Kafka traffic: a DAG of Faust workers, ClickHouse metrics and a verdict.",
+        epilog="abdag COMMAND -h tells about one command.",
+    )
     p.add_argument("--broker", help="Kafka bootstrap host:port (env ABDAG_BROKER)")
     p.add_argument(
         "--clickhouse-url",
@@ -63,84 +77,110 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="local stack data directory (env ABDAG_DATA_DIR)")
     p.add_argument("--database", help="ClickHouse database (env ABDAG_DATABASE)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (abdag COMMAND -h)"
+    )
+    dag_help = "the DAG file (a Python file that builds a Dag)"
+    experiment_help = "the experiment, <dag>.<comparison> (as abdag report names it)"
 
-    sub.add_parser("up", help="start the local broker and ClickHouse endpoint")
-    sub.add_parser("down", help="stop what `abdag up` started")
-    sub.add_parser("status", help="show the local stack")
+    _command(sub, "up", "start the local broker and ClickHouse endpoint")
+    _command(sub, "down", "stop what `abdag up` started")
+    _command(sub, "status", "show the local stack")
 
-    w = sub.add_parser("worker", help="run one Faust worker for a DAG file")
-    w.add_argument("dag_file")
-    w.add_argument("--loglevel", default="warn", choices=list(LOG_LEVELS))
+    w = _command(sub, "worker", "run one Faust worker for a DAG file")
+    w.add_argument("dag_file", metavar="DAG_FILE", help=dag_help)
+    w.add_argument(
+        "--loglevel",
+        default="warn",
+        choices=list(LOG_LEVELS),
+        help="the least severe level the worker logs (default: warn)",
+    )
     w.add_argument("--web-port", type=int, default=None, help="serve Faust's web UI here")
 
-    t = sub.add_parser("topics", help="create and describe a DAG's topics")
-    t.add_argument("dag_file")
+    t = _command(sub, "topics", "create and describe a DAG's topics")
+    t.add_argument("dag_file", metavar="DAG_FILE", help=dag_help)
 
-    pr = sub.add_parser(
+    pr = _command(
+        sub,
         "produce",
-        help="send events to a DAG source's input topic",
+        "send events to a DAG source's input topic",
         usage="abdag produce DAG_FILE --source NAME (FILE | --synthetic N) [--rate R] [--seed S]",
         intermixed=True,  # options before or after FILE
         one_of={"file": "FILE", "synthetic": "--synthetic N"},
     )
-    pr.add_argument("dag_file")
+    pr.add_argument("dag_file", metavar="DAG_FILE", help=dag_help)
     pr.add_argument("--source", required=True, help="name of the source node")
     pr.add_argument("file", nargs="?", help="a JSON-lines file, one event per line")
     pr.add_argument("--synthetic", type=int, metavar="N", help="N events from the source's sampler")
     pr.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--seed", type=int, default=0, help="seed of the --synthetic events (default: 0)"
+    )
 
-    s = sub.add_parser("sql", help="run a read-only SQL query on ClickHouse")
-    s.add_argument("query")
-    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s = _command(sub, "sql", "run a read-only SQL query on ClickHouse")
+    s.add_argument("query", help='the query, e.g. "SELECT count() FROM pairs FINAL"')
+    s.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="how to print the rows (default: table)",
+    )
 
-    r = sub.add_parser("report", help="A against B for one experiment, with the verdict")
+    r = _command(sub, "report", "A against B for one experiment, with the verdict")
     r.add_argument("experiment", help="<dag>.<comparison>, or a champion-and-challengers group")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
-    r.add_argument("--margin", type=float, default=None, help="non-inferiority margin")
+    r.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="non-inferiority margin (default: the one the comparison declares)",
+    )
     r.add_argument("--show-sql", action="store_true", help="print the SQL behind the report")
 
-    i = sub.add_parser("init", help="write a runnable A/B DAG for two model files, and check it")
-    i.add_argument("name")
+    i = _command(sub, "init", "write a runnable A/B DAG for two model files, and check it")
+    i.add_argument("name", help="the DAG's name (experiment NAME.ab; files NAME_dag.py, ...)")
     i.add_argument("--a", required=True, help="model A: a file or a registry ref name@vN")
     i.add_argument("--b", required=True, help="model B: a file or a registry ref name@vN")
     ex = i.add_mutually_exclusive_group(required=True)
     ex.add_argument("--example", help="an example event (JSON file)")
     ex.add_argument("--schema", help="a JSON schema of the event")
-    i.add_argument("--task", choices=["binary", "multiclass", "regression"])
+    i.add_argument(
+        "--task", choices=TASKS, help=TASK_HELP + " (default: told from the models' outputs)"
+    )
     i.add_argument("--out", help="output folder (default: ./NAME)")
     i.add_argument("--model-class-a", help="package.module:Class for a state_dict A")
     i.add_argument("--model-class-b", help="package.module:Class for a state_dict B")
     i.add_argument("--force", action="store_true", help="overwrite an existing DAG file")
     i.add_argument("--no-check", action="store_true", help="skip the 100-event smoke run")
 
-    m = sub.add_parser("models", help="the local model registry")
-    msub = m.add_subparsers(dest="models_command", required=True)
-    reg = msub.add_parser("register", help="copy a model file in as a new version")
-    reg.add_argument("name")
-    reg.add_argument("file")
-    reg.add_argument("--task", choices=["binary", "multiclass", "regression"])
+    m = _command(sub, "models", "the local model registry")
+    msub = m.add_subparsers(
+        dest="models_command", required=True, metavar="ACTION", help="register or list"
+    )
+    reg = _command(msub, "register", "copy a model file in as a new version")
+    reg.add_argument("name", help="the model's name in the registry (a DAG reads registry:NAME)")
+    reg.add_argument("file", help="the model file (TorchScript, .pt2, state_dict or ONNX)")
+    reg.add_argument("--task", choices=TASKS, help=TASK_HELP + ", recorded with the version")
     reg.add_argument("--model-class", help="package.module:Class for a state_dict")
-    msub.add_parser("list", help="every registered version")
+    _command(msub, "list", "every registered version")
 
-    pm = sub.add_parser("promote", help="make B the served model, if the verdict allows it")
-    pm.add_argument("experiment")
+    pm = _command(sub, "promote", "make B the served model, if the verdict allows it")
+    pm.add_argument("experiment", help=experiment_help)
     pm.add_argument("--force", action="store_true", help="promote against the verdict (recorded)")
     pm.add_argument("--note", default="", help="why, for the record")
 
-    rt = sub.add_parser("retire", help="retire challenger B, if the verdict says it is worse")
-    rt.add_argument("experiment")
+    rt = _command(sub, "retire", "retire challenger B, if the verdict says it is worse")
+    rt.add_argument("experiment", help=experiment_help)
     rt.add_argument("--force", action="store_true", help="retire against the verdict (recorded)")
     rt.add_argument("--note", default="", help="why, for the record")
 
-    db = sub.add_parser("dashboard", help="serve the A/B dashboard in a browser")
-    db.add_argument("--host", default="127.0.0.1")
-    db.add_argument("--port", type=int, default=8050)
+    db = _command(sub, "dashboard", "serve the A/B dashboard in a browser")
+    db.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    db.add_argument("--port", type=int, default=8050, help="port to listen on (default: 8050)")
 
-    d = sub.add_parser("demo", help="the whole story on the embedded stack")
-    d.add_argument("--requests", type=int, default=20_000)
-    d.add_argument("--workers", type=int, default=1)
+    d = _command(sub, "demo", "the whole story on the embedded stack")
+    d.add_argument("--requests", type=int, default=20_000, help="requests to send (default: 20000)")
+    d.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     d.add_argument("--keep-running", action="store_true", help="leave stack and workers up")
     return p
 

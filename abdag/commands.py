@@ -7,6 +7,7 @@ never import the CLI back.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from abdag.errors import UserError
@@ -58,21 +59,40 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(s.answers for s in rows) else 1
 
 
-def _load_valid_dag(path: str, *, load_models: bool = True):
+def _load_valid_dag(path: str, *, load_models: bool = True, command: str = ""):
+    """Load and validate a DAG file; with ``load_models``, dry-run its models and print
+    what the dry run warns about (``abdag COMMAND: warning: ...``) on stderr."""
     from abdag.agents.loader import load_dag
     from abdag.agents.validate import validate
 
     dag = load_dag(path)
     validate(dag, load_models=load_models)
+    if load_models:
+        _print_output_warnings(dag, command)
     return dag
+
+
+def _print_output_warnings(dag, command: str) -> None:
+    from abdag.agents.nodes.model import output_warnings
+
+    for line in output_warnings(dag):
+        print(f"abdag {command}: warning: {line}", file=sys.stderr, flush=True)
 
 
 @command("topics")
 def topics(args: argparse.Namespace, settings: Settings) -> int:
     from abdag.agents.topology import dag_topics
+    from abdag.agents.validate import validate
+    from abdag.models import ModelError
     from abdag.topics.admin import ensure_topics
 
     dag = _load_valid_dag(args.dag_file, load_models=False)
+    try:  # the models' dry run too, for its warnings: a model that fails stops only workers
+        validate(dag)
+    except (ValueError, ModelError) as exc:
+        print(f"abdag topics: note: models not dry-run: {exc}", file=sys.stderr, flush=True)
+    else:
+        _print_output_warnings(dag, "topics")
     for info in ensure_topics(settings.broker, dag_topics(dag), dag.partitions):
         state = "created" if info.created else "exists"
         print(f"{info.name:<60} {info.partitions:>3} partitions  {state}")
@@ -95,7 +115,7 @@ def worker(args: argparse.Namespace, settings: Settings) -> int:
         apply_cpu_threads(settings.torch_threads)
     except ModelError as exc:
         raise UserError(str(exc)) from exc
-    dag = _load_valid_dag(args.dag_file)
+    dag = _load_valid_dag(args.dag_file, command="worker")
     topics = dag_topics(dag)
     ensure_topics(settings.broker, topics, dag.partitions)
     try:
@@ -298,7 +318,14 @@ def models_command(args: argparse.Namespace, settings: Settings) -> int:
         v = registry.register(args.name, args.file, task=args.task, model_class=args.model_class)
         print(f"{v.ref}  {v.format}  sha256 {v.sha256[:12]}  {v.path}")
         return 0
-    for v in registry.all():
+    versions = registry.all()
+    if not versions:
+        print(
+            f"no models registered in {registry.root}; "
+            "add one with: abdag models register NAME FILE"
+        )
+        return 0
+    for v in versions:
         print(f"{v.ref:<30} {v.format:<12} {v.sha256[:12]}  {v.created}  {v.task or ''}")
     return 0
 

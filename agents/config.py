@@ -125,3 +125,8 @@ def fetch_wait(settings: Settings) -> FetchWait | None:
 
 
 LOG_LEVELS = {"crit": 50, "error": 40, "warn": 30, "info": 20, "debug": 10}
+
+WORKER_READY = "abdag worker ready"
+"""How the line a worker logs once it has started begins: ``abdag worker ready (DAG
+<name>)``, at WARNING so that the default ``--loglevel warn`` shows it
+(:class:`abdag.agents.faust_compat.streams.PlainTextWorker`)."""

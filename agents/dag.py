@@ -9,13 +9,14 @@ A DAG file reads in a few lines::
     dag.compare("a_vs_b", a=a, b=b, labels=dag.labels("chargebacks"), task="binary")
 
 Each node becomes one Faust agent (see :mod:`abdag.agents.app`) consuming its input's topic and
-publishing to its own, keyed by request id. Nothing runs until :meth:`Dag.validate` passed.
+publishing to its own, keyed by request id. Nothing runs until the DAG passed
+``abdag.agents.validate.validate``.
 
 >>> dag = Dag("demo")
 >>> src = dag.source("events")
 >>> up = dag.transform("upper", src, lambda p: {"text": p["text"].upper()})
->>> [n.name for n in dag.topological()]
-['events', 'upper']
+>>> tuple(n.name for n in dag.topological())
+('events', 'upper')
 """
 
 from __future__ import annotations

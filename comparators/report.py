@@ -58,6 +58,7 @@ __all__ = [
     "Report",
     "build_report",
     "declared_metrics",
+    "group_alpha",
     "list_experiments",
     "metrics_sql",
     "rows_sql",
@@ -357,7 +358,7 @@ def build_report(
     declared = experiment_settings(client, experiment)
     if margin is None:
         margin = float(declared.get("margin", 0.0))
-    alpha = alpha / max(int(declared.get("group_size", 1)), 1)
+    alpha = group_alpha(alpha, declared)
     sql = [OVERVIEW_SQL]
     ov = _one(client, OVERVIEW_SQL, params)
     task = ov.get("task") or ""
@@ -462,6 +463,16 @@ def declared_metrics(task: str, declared: dict[str, Any]) -> tuple[str, ...]:
 
 def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
+
+
+def group_alpha(alpha: float, declared: dict[str, Any]) -> float:
+    """The error rate of one of k challengers of a champion: ``alpha / k`` (Bonferroni),
+    so the chance of any false "B better" in the group stays ``alpha``.
+
+    >>> group_alpha(0.05, {"group_size": 2}), group_alpha(0.05, {})
+    (0.025, 0.05)
+    """
+    return alpha / max(int(declared.get("group_size", 1) or 1), 1)
 
 
 def experiment_settings(client: Any, experiment: str) -> dict[str, Any]:

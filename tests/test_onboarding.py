@@ -245,12 +245,32 @@ def test_neither_model_accepting_the_example_says_so(fraud_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_then_smoke_run_pairs_every_request_on_the_stack(stack, fraud_models, tmp_path):
+def test_init_then_smoke_run_pairs_every_request_on_the_stack(
+    stack, fraud_models, tmp_path, capsys
+):
     name = f"onb{uuid.uuid4().hex[:8]}"
     result = init_experiment(name, *fraud_models, example=fraud_example(), out_dir=tmp_path)
     counts = smoke_run(result.dag_file, stack, n=100, timeout=90)
     assert counts["paired"] == 100 and counts["labelled"] == 100
     assert counts["missing_a"] == counts["missing_b"] == 0 and counts["rows"] == 100
+    # it said what it was doing, step by step, and how far the pairs had come
+    progress = capsys.readouterr().err.splitlines()
+    steps = [
+        f"smoke run: creating the DAG's topics on the broker at {stack.broker}",
+        f"smoke run: starting a worker (log: {tmp_path / f'{name}.smoke.log'})",
+        f"smoke run: producing 100 events and 100 labels (abdag.{name}.requests.in)",
+        f"smoke run: sent; waiting for 100 pairs in ClickHouse (experiment {name}.ab)",
+        "smoke run: worker ready (",
+    ]
+    for step in steps:
+        assert any(line.startswith(step) for line in progress), (step, progress)
+    done = "smoke run: 100/100 pairs in ClickHouse, 100/100 labelled"
+    assert any(line.startswith(done) for line in progress), progress
+    # the worker's log (its stdout and stderr) is plain text: Faust's spinner and colours
+    # are for terminals only
+    log = (tmp_path / f"{name}.smoke.log").read_bytes()
+    assert f"abdag worker ready (DAG {name})".encode() in log
+    assert b"\x1b" not in log and b"\x08" not in log
     report = build_report(connect(stack), result.experiment, n_resamples=100)
     assert report.counts["paired"] == 100
     assert report.verdict.to_dict()

@@ -368,10 +368,10 @@ def test_rows_sql_orders_by_label_time(client):
 
 
 # ------------------------------------------------- declared metrics, thresholds
-def _declare(client, experiment, metrics):
+def _declare(client, experiment, metrics, group_size=1):
     cols = [c for c, _ in TABLES["experiments"].columns]
     row = dict.fromkeys(cols, "")
-    row.update(experiment=experiment, updated_ts=T0, group_size=1, split=0.0, margin=0.0)
+    row.update(experiment=experiment, updated_ts=T0, group_size=group_size, split=0.0, margin=0.0)
     row.update(metrics=metrics, task="binary", dag=experiment.split(".")[0])
     client.insert("experiments", [[row[c] for c in cols]], column_names=cols)
 
@@ -398,6 +398,20 @@ def test_declared_metrics_reach_the_report_and_its_timeline(client):
     _declare(client, "dag6.plain", "")
     assert list(build_report(client, "dag6.plain", n_resamples=50).metrics) == list(
         REPORT_METRICS["binary"]
+    )
+
+
+def test_one_of_two_challengers_is_judged_at_half_alpha_by_the_report_and_the_dashboard(client):
+    from abdag.dashboard.data import timeline_payload
+
+    y, sa, sb, pa, pb = _binary_data(400, seed=14)
+    _insert(client, _rows("dag8.x__b1", "binary", y, sa, sb, pa, pb))
+    _declare(client, "dag8.x__b1", "", group_size=2)
+    rep = build_report(client, "dag8.x__b1", n_resamples=50)
+    assert rep.alpha == pytest.approx(0.025) and rep.sequential.alpha == pytest.approx(0.025)
+    seq = timeline_payload(client, "dag8.x__b1", bucket_seconds=3600)["sequential"][-1]
+    assert (seq["lower"], seq["upper"]) == pytest.approx(
+        (rep.sequential.lower, rep.sequential.upper), rel=1e-9
     )
 
 

@@ -37,6 +37,7 @@ from abdag.comparators.report import (
     REPORT_METRICS,
     declared_metrics,
     experiment_settings,
+    group_alpha,
     rows_sql,
 )
 from abdag.comparators.schema import PAIRS_DEDUP
@@ -270,9 +271,10 @@ def timeline_payload(
             f"{seconds:.0f} s of requests (at most {MAX_BUCKETS}); use a larger bucket"
         )
     names = []
+    declared = experiment_settings(client, experiment)
+    alpha = group_alpha(alpha, declared)  # as the report judges one of k challengers
     if task in TASKS:
-        declared = declared_metrics(task, experiment_settings(client, experiment))
-        names = [k for k in declared if METRICS[k].curve]
+        names = [k for k in declared_metrics(task, declared) if METRICS[k].curve]
     out: dict[str, Any] = {
         "experiment": experiment,
         "task": task,

@@ -26,13 +26,19 @@ order (``number``/``integer``/``boolean``; arrays of numbers need ``minItems ==
 maxItems``) and an example is made from ``examples``, ``default`` or the bounds.
 
 **The task.** Both models run on the vector: one output per request means a binary
-classifier (logit, read through a sigmoid) unless ``task="regression"``; ``k > 1`` outputs
-mean a ``k``-class classifier (logits, read through a softmax). Models that disagree on
-the input or the output are refused with both names and shapes.
+classifier unless ``task="regression"``; ``k > 1`` outputs mean a ``k``-class classifier
+(logits, read through a softmax: ``output="softmax"``). A binary model's output is a logit
+(``output="sigmoid"``) unless it lies in [0, 1] on the example and on stretched copies of
+it (scaled by up to ±100, random vectors up to 1000 times its size): such a model ends in a
+sigmoid already and its node gets ``output="probability"`` (read through a sigmoid again,
+every score would land in [0.5, 0.73]), with a note saying so. Models that disagree on the
+input or the output are refused with both names and shapes.
 
 :func:`smoke_run` then runs the DAG on a running stack with a worker process and synthetic
-traffic, and checks that every request reached ClickHouse as an A/B pair (saying on stderr
-what it is waiting for, a line every few seconds).
+traffic, and checks that every request reached ClickHouse as an A/B pair, saying on stderr
+(``smoke run: ...``) each step (creating the topics, starting the worker, producing the
+events), when the worker is ready, what its dry run warns about, and the pairs counted so
+far, a line every few seconds.
 
 The parts: :mod:`abdag.init.inputs` (the input vector, and what a generated DAG imports at
 run time), :mod:`abdag.init.probe` (running both models, telling the task),

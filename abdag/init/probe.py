@@ -1,5 +1,9 @@
 """Loading both models on CPU, running them on the example's input vector, and telling the
-task from what they return; a pair that cannot be compared is refused naming both."""
+task from what they return; a pair that cannot be compared is refused naming both.
+
+A one-output model is also run on stretched copies of the example's vector
+(:func:`abdag.models.probes.probe_inputs`): when every output lies in [0, 1], it already
+ends in a sigmoid, and the DAG reads it with ``output="probability"``, not ``"sigmoid"``."""
 
 from __future__ import annotations
 
@@ -27,6 +31,17 @@ class _Probe:
     model: LoadedModel | None = None
     width: int | None = None
     error: str | None = None
+    unit_samples: int = 0  # one output per request, in [0, 1] on this many probe inputs
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What both models return: ``width`` values per request, and per model (A, B) how many
+    probe inputs it answered with a value in [0, 1] each, 0 unless it always did (it then
+    returns probabilities, not logits)."""
+
+    width: int
+    unit_samples: tuple[int, int] = (0, 0)
 
 
 def _weight_hint(model: LoadedModel) -> str:
@@ -78,11 +93,34 @@ def _probe(side: str, path: Path, build: Build, batch: Any) -> _Probe:
     except Exception as exc:  # noqa: BLE001 - the user's model; its message is the answer
         probe.error = _reason(exc)
         probe.error += _weight_hint(probe.model)
+        return probe
+    if probe.width == 1:
+        probe.unit_samples = _unit_samples(probe.model, batch)
     return probe
+
+
+def _unit_samples(model: LoadedModel, batch: Any) -> int:
+    """How many probe inputs (the batch's rows and stretched copies of the example) the
+    model answered with a value in [0, 1], when it always did; 0 otherwise."""
+    from abdag.models.probes import in_unit_interval, probe_inputs, raw_scores
+
+    rows = list(batch)
+    scores = raw_scores(model, [*rows, *probe_inputs(rows[0])])
+    if scores is None:  # a stretched copy was refused: the batch alone
+        scores = raw_scores(model, rows) or []
+    return len(scores) if in_unit_interval(scores) else 0
 
 
 def output_width(paths: tuple[Path, Path], builds: tuple[Build, Build], spec: InputSpec) -> int:
     """Run both models on the example's vector; return the common output width."""
+    return probe_models(paths, builds, spec).width
+
+
+def probe_models(
+    paths: tuple[Path, Path], builds: tuple[Build, Build], spec: InputSpec
+) -> ModelOutputs:
+    """Run both models on the example's vector (and, for one output, stretched copies of
+    it); return their common output width and whether each returns probabilities."""
     import torch
 
     rows = [input_vector(e, spec.fields) for e in synthetic_events(spec.example, _PROBE_ROWS, 0)]
@@ -110,7 +148,7 @@ def output_width(paths: tuple[Path, Path], builds: tuple[Build, Build], spec: In
             "comparison needs the same kind of answer from both"
         )
     assert a.width is not None
-    return a.width
+    return ModelOutputs(a.width, (a.unit_samples, b.unit_samples))
 
 
 def task_for(width: int, task: str | None, paths: tuple[Path, Path]) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abdag.agents.config import WORKER_READY
 from abdag.agents.dag import Comparison, Dag, ModelNode, Source
 from abdag.agents.errors import DagError
 from abdag.comparators.schema import DEAD_LETTER_COUNT
@@ -144,9 +145,33 @@ def _tail(log: Path, lines: int = 8) -> str:
     return " | ".join(text[-lines:])
 
 
+_WORKER_WARNING = "abdag worker: warning: "  # how the worker prints its dry run's warnings
+
+
+class _WorkerLog:
+    """The lines the smoke run's worker writes to its log, read as they come (the log is
+    appended to: what earlier runs left is skipped)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = b""
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [line.decode(errors="replace").rstrip() for line in lines]
+
+
 class _Progress:
-    """``smoke run: ...`` lines on stderr: the counts every 2 s while they move, every 5 s
-    while they do not."""
+    """``smoke run: ...`` lines on stderr: each step, the worker's readiness and warnings,
+    and the counts every 2 s while they move, every 5 s while they do not."""
 
     def __init__(self, enabled: bool, started: float, n: int, labels: int) -> None:
         self.enabled = enabled
@@ -155,6 +180,16 @@ class _Progress:
         self.labels = labels
         self.last_line = float("-inf")
         self.last_seen: tuple[int, int] | None = None
+        self.worker_ready = False
+
+    def worker(self, lines: list[str]) -> None:
+        """Say when the worker is ready, and what its dry run warns about."""
+        for line in lines:
+            if not self.worker_ready and WORKER_READY in line:
+                self.worker_ready = True
+                self.say(f"worker ready ({time.monotonic() - self.started:.0f} s)")
+            elif line.startswith(_WORKER_WARNING):
+                self.say("the worker warns: " + line[len(_WORKER_WARNING) :])
 
     def say(self, text: str) -> None:
         if self.enabled:
@@ -171,7 +206,8 @@ class _Progress:
         self.last_seen = seen
         labelled = f", {seen[1]}/{self.labels} labelled" if self.labels else ""
         elapsed = f"{now - self.started:.0f} s"
-        self.say(f"{seen[0]}/{self.n} pairs in ClickHouse{labelled} ({elapsed}){then}")
+        starting = "" if self.worker_ready else ", the worker still starting"
+        self.say(f"{seen[0]}/{self.n} pairs in ClickHouse{labelled} ({elapsed}{starting}){then}")
 
 
 def smoke_run(
@@ -215,11 +251,13 @@ def smoke_run(
     events = _smoke_events(source, n, seed, run)
     labels = _smoke_labels(dag, comp, events, seed) if comp.labels else []
     experiment = experiment_name(dag.name, comp.name)
-    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
     log = Path(log) if log is not None else dag_file.with_name(f"{dag.name}.smoke.log")
     started = time.monotonic()
     report = _Progress(progress, started, n, len(labels))
+    report.say(f"creating the DAG's topics on the broker at {settings.broker}")
+    ensure_topics(settings.broker, dag_topics(dag), dag.partitions)
     report.say(f"starting a worker (log: {log})")
+    worker_log = _WorkerLog(log)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "abdag.cli", "worker", str(dag_file), "--loglevel", "warn"],
@@ -229,18 +267,21 @@ def smoke_run(
             start_new_session=True,
         )
     try:
+        and_labels = f" and {len(labels)} labels" if labels else ""
+        report.say(f"producing {n} events{and_labels} ({input_topic(dag.name, source.name)})")
         produce(settings.broker, input_topic(dag.name, source.name), events, progress=False)
         if labels:
             produce(settings.broker, input_topic(dag.name, comp.labels), labels, progress=False)
-        and_labels = f" and {len(labels)} labels" if labels else ""
-        report.say(f"sent {n} events{and_labels}; waiting for their pairs in ClickHouse")
+        report.say(f"sent; waiting for {n} pairs in ClickHouse (experiment {experiment})")
         client = connect(settings)
         deadline = started + timeout
         while True:
+            report.worker(worker_log.new_lines())
             counts = _counts(client, experiment, dag.name, prefix)
             done = counts["paired"] >= n and (not labels or counts["labelled"] >= n)
             decided = counts["paired"] + counts["missing_a"] + counts["missing_b"] >= n
             if done or decided:
+                report.worker(worker_log.new_lines())
                 report.counts(counts, then="; stopping the worker")
                 break
             if proc.poll() is not None:

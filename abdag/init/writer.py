@@ -12,7 +12,7 @@ from typing import Any
 
 from abdag.agents.errors import DagError
 from abdag.init.inputs import InputSpec, input_spec_from_example, input_spec_from_schema
-from abdag.init.probe import Build, output_width, task_for
+from abdag.init.probe import Build, probe_models, task_for
 from abdag.topics import check_name
 
 SOURCE = "requests"
@@ -34,9 +34,14 @@ class InitResult:
     compose_file: Path
     input_spec: InputSpec
     task: str
-    output: str
+    output: str  # model A's output kind (B's is outputs[1])
     output_width: int
     notes: tuple[str, ...] = ()
+    outputs: tuple[str, str] = ("", "")  # output kinds of model A and model B
+
+    def __post_init__(self) -> None:
+        if self.outputs == ("", ""):
+            object.__setattr__(self, "outputs", (self.output, self.output))
 
     @property
     def experiment(self) -> str:
@@ -51,13 +56,17 @@ class InitResult:
             f"models:       {self.models[0]}, {self.models[1]}",
             f"input:        float32 vector of {spec.width} from {len(spec.fields)} field(s): "
             f"{spec.fields_text(6)}",
-            f"task:         {self.task} (output {self.output!r}, {self.output_width} value(s))",
+            f"task:         {self.task} ({self._outputs_text()}, {self.output_width} value(s))",
             f"topics:       {self.topics_file}",
             f"compose:      {self.compose_file}",
             f"experiment:   {self.experiment}",
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _outputs_text(self) -> str:
+        a, b = self.outputs
+        return f"output {a!r}" if a == b else f"output {a!r} for A, {b!r} for B"
 
 
 def _copy_models(paths: tuple[Path, Path], models_dir: Path) -> tuple[Path, Path]:
@@ -153,6 +162,7 @@ def _literal(value: Any, indent: int = 0, used: int = 0) -> str:
 
 
 def _model_line(var: str, node: str, path: str, output: str, build: Build) -> str:
+    """One ``dag.model(...)`` call of the template, wrapped black-style past 100 columns."""
     args = [json.dumps(node), "requests", f"path={json.dumps(path)}", "inputs=features"]
     args.append(f'output="{output}"')
     if build[0]:
@@ -169,15 +179,15 @@ def _dag_text(
     name: str,
     spec: InputSpec,
     task: str,
-    output: str,
+    outputs: tuple[str, str],
     model_files: tuple[str, str],
     builds: tuple[Build, Build],
     partitions: int,
 ) -> str:
     models = "\n".join(
         _model_line(var, node, path, output, build)
-        for var, node, path, build in zip(
-            ("a", "b"), (MODEL_A, MODEL_B), model_files, builds, strict=True
+        for var, node, path, output, build in zip(
+            ("a", "b"), (MODEL_A, MODEL_B), model_files, outputs, builds, strict=True
         )
     )
     return _DAG_TEMPLATE.format(
@@ -256,15 +266,22 @@ def init_experiment(
         raise DagError(f"{dag_file} already exists; remove it or pass --force to replace it")
 
     builds = ((model_class_a, model_kwargs_a), (model_class_b, model_kwargs_b))
-    width = output_width(paths, builds, spec)
+    probed = probe_models(paths, builds, spec)
+    width = probed.width
     task = task_for(width, task, paths)
-    output = OUTPUT_OF_TASK[task]
+    # a binary model that returns probabilities already is read as they are, not through
+    # a sigmoid (which would squash every score into [0.5, 0.73]: every prediction 1)
+    outputs = tuple(
+        "probability" if task == "binary" and n else OUTPUT_OF_TASK[task]
+        for n in probed.unit_samples
+    )
+    assert len(outputs) == 2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     copies = _copy_models(paths, out_dir / "models")
     relative = tuple(str(p.relative_to(out_dir)) for p in copies)
     dag_file.write_text(
-        _dag_text(name, spec, task, output, relative, builds, partitions), encoding="utf-8"
+        _dag_text(name, spec, task, outputs, relative, builds, partitions), encoding="utf-8"
     )
 
     from abdag.agents.loader import load_dag
@@ -291,20 +308,36 @@ def init_experiment(
         compose_file=compose_file,
         input_spec=spec,
         task=task,
-        output=output,
+        output=outputs[0],
         output_width=width,
-        notes=tuple(_notes(spec, task)),
+        notes=tuple(_notes(spec, task, outputs, copies, probed.unit_samples)),
+        outputs=(outputs[0], outputs[1]),
     )
 
 
-def _notes(spec: InputSpec, task: str) -> list[str]:
+def _notes(
+    spec: InputSpec,
+    task: str,
+    outputs: tuple[str, ...],
+    models: tuple[Path, Path],
+    unit_samples: tuple[int, int],
+) -> list[str]:
     notes = []
     if spec.skipped:
         notes.append(f"not model inputs (not numeric): {', '.join(spec.skipped)}")
-    if task == "binary":
+    nodes = (MODEL_A, MODEL_B)
+    for node, path, output, n in zip(nodes, models, outputs, unit_samples, strict=True):
+        if output == "probability":
+            notes.append(
+                f"node {node}: model {path} returns values in [0, 1] on the example and "
+                f"{n - 1} copies of it (jittered, stretched), as a model ending in a sigmoid "
+                'does: the DAG reads it with output="probability" (output="sigmoid" would '
+                "apply a sigmoid again: every prediction 1)"
+            )
+    if task == "binary" and "sigmoid" in outputs:
         notes.append(
-            "output='sigmoid' assumes the models return logits; if they end in a sigmoid "
-            "already, change both nodes to output='probability'"
+            "output='sigmoid' assumes a model returns logits; if one ends in a sigmoid "
+            "already, change its node to output='probability'"
         )
     if task == "multiclass":
         notes.append("output='softmax' assumes the models return logits, one per class")

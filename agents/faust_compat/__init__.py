@@ -14,7 +14,9 @@ around (measurements in docs/benchmarks.md and the modules' docstrings):
   (:class:`~.streams.Batches` acknowledges only finished batches); ``app.topic`` drops
   ``maxsize`` (:func:`~.streams.raw_topic`); the worker leaves the root logger at DEBUG
   (:func:`~.streams.hold_log_level`); the worker is driven through Faust's own command
-  line (:func:`~.streams.run_worker`).
+  line (:func:`~.streams.run_worker`), and writes plain text where its output is not a
+  terminal: Faust drew its spinner's cursor codes into log files
+  (:class:`~.streams.PlainTextWorker`, which also logs :data:`~.streams.READY`).
 - :mod:`.tables`: the comparison's join table is written to Faust's table data directly and
   its changelog sent through abdag's producer, one record per key and batch.
 
@@ -48,7 +50,9 @@ check_faust_version()
 
 from abdag.agents.faust_compat.consumer import use_resume_at_committed_consumer  # noqa: E402
 from abdag.agents.faust_compat.streams import (  # noqa: E402
+    READY,
     Batches,
+    PlainTextWorker,
     hold_log_level,
     raw_topic,
     run_worker,
@@ -57,7 +61,9 @@ from abdag.agents.faust_compat.tables import JsonTable  # noqa: E402
 
 __all__ = [
     "FAUST_VERSION",
+    "READY",
     "Batches",
+    "PlainTextWorker",
     "FaustVersionError",
     "JsonTable",
     "check_faust_version",

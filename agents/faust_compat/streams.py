@@ -9,6 +9,7 @@ from typing import Any
 import faust
 
 from abdag.agents.config import LOG_LEVELS
+from abdag.agents.config import WORKER_READY as READY
 
 
 class Batches:
@@ -80,10 +81,56 @@ def hold_log_level(app: Any, loglevel: str) -> None:
         logging.getLogger().setLevel(level)
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class PlainTextWorker(faust.Worker):
+    """Faust's worker, writing plain text wherever its output is not a terminal.
+
+    Faust 0.15 draws its start-up spinner whatever its output is (the cursor codes
+    ``ESC[?25l``/``ESC[?25h`` and backspaces went into log files), and mode decides about
+    colours and line-drawing tables from *stdout*, though its log handler writes to stderr
+    (``2> worker.log`` from a terminal put colour codes and ``ESC(0`` table borders in the
+    file). Here the spinner runs only on a terminal, and log lines are coloured and tables
+    drawn with terminal codes only when the handler's own stream is one. Once started, the
+    worker logs ``abdag worker ready (DAG <name>)`` (:data:`READY`) at WARNING: Faust's own
+    ``[^Worker]: Ready`` is an INFO line, hidden at the default ``--loglevel warn``.
+    """
+
+    def _repr_name(self) -> str:
+        return "Worker"  # Faust's label in log lines: [^Worker]: ...
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        import colorlog
+        from mode.utils import logging as mode_logging
+
+        if self.spinner is not None and not _isatty(self.spinner.file):
+            self.spinner = None
+        super().on_setup_root_logger(logger, level)
+        streams = [h.stream for h in logger.handlers if getattr(h, "stream", None) is not None]
+        for handler in logger.handlers:
+            formatter, stream = handler.formatter, getattr(handler, "stream", None)
+            if isinstance(formatter, colorlog.ColoredFormatter) and stream is not None:
+                formatter.stream = stream  # colorlog colours only when this is a terminal
+        # what faust.utils.terminal.logtable reads to draw tables with terminal codes
+        mode_logging.LOG_ISATTY = bool(streams) and all(_isatty(s) for s in streams)
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        if not self._shutdown_immediately:
+            dag = str(self.app.conf.id).removeprefix("abdag-")
+            logging.getLogger("abdag.worker").warning("%s (DAG %s)", READY, dag)
+
+
 def run_worker(app: faust.App, loglevel: str, web_port: int | None = None) -> None:
     """Run ``app``'s worker until it stops, through Faust's own command line (the supported
     way to get its signal handling, logging and service tree), without the web server
-    unless ``web_port`` is given (bound to 127.0.0.1)."""
+    unless ``web_port`` is given (bound to 127.0.0.1), as a :class:`PlainTextWorker`."""
+    app.conf.Worker = PlainTextWorker
     argv = ["abdag worker", "worker", "--loglevel", loglevel]
     if web_port:
         argv += ["--web-port", str(web_port), "--web-host", "127.0.0.1"]

@@ -2,6 +2,12 @@
 
 Each event carries every upstream node's output (``event.outputs``), so models can feed
 models; the prediction is added under the node's name.
+
+A node declared ``output="sigmoid"`` whose model returns probabilities already (it ends in
+a sigmoid) would have every score squashed twice, silently: the dry run tells them apart on
+the sample event and stretched copies of its input (:mod:`abdag.models.probes`), and
+``abdag topics`` / ``abdag worker`` print :func:`sigmoid_twice_warning`'s line; without a
+sample event the worker watches the node's first requests (:class:`SigmoidWatch`).
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abdag.agents.nodes.base import Node
@@ -25,6 +33,34 @@ if TYPE_CHECKING:
     from abdag.agents.dag import Dag
 
 OUTPUTS = ("sigmoid", "probability", "softmax", "value", "raw")
+
+FIRST_REQUESTS_CHECKED = 64
+"""How many real requests a worker looks at, for a node declared ``output="sigmoid"``
+whose dry run could not tell logits from probabilities (no sample event, or a model that
+refused the stretched copies of its input), before warning that they are probabilities."""
+
+
+def sigmoid_twice_warning(node: str, model_file: str | Path, seen: str) -> str:
+    """The one line saying that node ``node`` reads a model that already returns
+    probabilities through a sigmoid (``seen``: on what, e.g. "on its first 64 requests")."""
+    return (
+        f"node {node}: model {model_file} returns values in [0, 1] {seen}, as a model "
+        'ending in a sigmoid does, but the node declares output="sigmoid", which applies a '
+        "sigmoid again (every score lands in [0.5, 0.73], every prediction is 1); declare "
+        'output="probability" for it'
+    )
+
+
+_DRY_RUN_VERDICTS: weakref.WeakKeyDictionary[ModelNode, str | None] = weakref.WeakKeyDictionary()
+"""What each sigmoid node's dry run found: the warning, or None when the outputs are logits;
+no entry when the dry run could not tell (the worker then watches its first requests)."""
+
+
+def output_warnings(dag: Dag) -> list[str]:
+    """The warnings the dry run (:func:`abdag.agents.validate.validate`) found about the
+    DAG's model nodes' ``output`` kinds, one line each."""
+    nodes = [n for n in dag.topological() if isinstance(n, ModelNode)]
+    return [w for n in nodes if (w := _DRY_RUN_VERDICTS.get(n))]
 
 
 @dataclass(eq=False)
@@ -85,13 +121,62 @@ class ModelNode(Node):
         (res,) = BatchRunner(model, None, self.output, threshold=self.threshold).run([x])
         if not res.ok:
             raise self.fail(dag, f"the model refused the sample input: {res.reason}")
+        if self.output == "sigmoid":
+            self._check_logits(model, x, src.path)
         pred = Prediction(
             self.name, model.version, res.output, res.score, res.label, 0.0, "", 1, 0.0
         )
         return Event(ev.request_id, ev.ts, ev.payload, {**ev.outputs, self.name: fields_of(pred)})
 
+    def _check_logits(self, model: Any, x: Any, model_file: Path) -> None:
+        """Record whether the model returns logits, as ``output="sigmoid"`` says, judged on
+        the sample input and stretched copies of it (:mod:`abdag.models.probes`)."""
+        from abdag.models.probes import in_unit_interval, probe_inputs, raw_scores
+
+        scores = raw_scores(model, [x, *probe_inputs(x)])
+        if scores is None:  # a stretched copy was refused: the sample alone
+            scores = raw_scores(model, [x]) or []
+        if in_unit_interval(scores):
+            seen = f"on the sample event and {len(scores) - 1} stretched copies of its input"
+            _DRY_RUN_VERDICTS[self] = sigmoid_twice_warning(self.name, model_file, seen)
+        elif any(not 0.0 <= v <= 1.0 for v in scores):
+            _DRY_RUN_VERDICTS[self] = None
+        else:
+            _DRY_RUN_VERDICTS.pop(self, None)  # too few to tell: the worker watches
+
     def build(self, rt: DagRuntime) -> None:
         _model_agent(rt, self)
+
+
+class SigmoidWatch:
+    """Watches the first real scores of a node declared ``output="sigmoid"``: when the
+    first :data:`FIRST_REQUESTS_CHECKED` all came from raw outputs in [0, 1] (scores in
+    [0.5, sigmoid(1)]), the model returns probabilities already; :meth:`see` says so once."""
+
+    def __init__(self, node: str, model_file: str | Path) -> None:
+        self.node = node
+        self.model_file = model_file
+        self.seen = 0
+        self.done = False
+
+    def see(self, results: Sequence[Any]) -> str | None:
+        """Look at one batch's results; the warning the first time it is due, else None."""
+        from abdag.models.probes import SIGMOID_OF_1
+
+        if self.done:
+            return None
+        for res in results:
+            if not res.ok or not isinstance(res.output, float):
+                continue
+            if not 0.5 <= res.output <= SIGMOID_OF_1 + 1e-12:
+                self.done = True  # a raw output outside [0, 1]: logits, as declared
+                return None
+            self.seen += 1
+        if self.seen < FIRST_REQUESTS_CHECKED:
+            return None
+        self.done = True
+        seen = f"on its first {self.seen} requests"
+        return sigmoid_twice_warning(self.node, self.model_file, seen)
 
 
 # -- the worker side: the Faust agents of this kind -------------------------------------
@@ -107,9 +192,12 @@ class ModelSlot:
     def __init__(self, node: ModelNode, settings: Settings) -> None:
         self.node = node
         self.settings = settings
-        self.runner, self.version = self._load()
+        # a sigmoid node the dry run could not judge has its first requests watched
+        self.runner, self.version, self.watch = self._load(judged=node in _DRY_RUN_VERDICTS)
 
-    def _load(self):
+    def _load(self, *, judged: bool = False):
+        """The runner, version and :class:`SigmoidWatch` (None: nothing to watch) of the
+        model to serve now; ``judged``: the dry run has already checked this model."""
         from abdag.agents.model_source import resolve
         from abdag.models import BatchRunner, load_model
 
@@ -122,7 +210,9 @@ class ModelSlot:
             model_kwargs=src.model_kwargs,
         )
         runner = BatchRunner(model, None, self.node.output, threshold=self.node.threshold)
-        return runner, src.version or model.version
+        watched = self.node.output == "sigmoid" and not judged
+        watch = SigmoidWatch(self.node.name, src.path) if watched else None
+        return runner, src.version or model.version, watch
 
     def reload_if_newer(self) -> bool:
         from abdag.agents.model_source import resolve
@@ -130,7 +220,7 @@ class ModelSlot:
         try:
             if resolve(self.node, self.settings).version == self.version:
                 return False
-            runner, version = self._load()
+            runner, version, watch = self._load()
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             log.error(
                 "node %s: new model version not loaded, keeping %s: %s",
@@ -142,7 +232,7 @@ class ModelSlot:
         log.warning(
             "node %s: now serving model version %s (was %s)", self.node.name, version, self.version
         )
-        self.runner, self.version = runner, version
+        self.runner, self.version, self.watch = runner, version, watch
         return True
 
 
@@ -156,10 +246,13 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     slot = ModelSlot(node, rt.settings)
 
     def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
-        runner, version = slot.runner, slot.version  # one model for the whole batch
+        runner, version, watch = slot.runner, slot.version, slot.watch  # one model a batch
         start = time.perf_counter()
         results = runner.run(inputs)
-        return results, (time.perf_counter() - start) * 1000.0, version
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        if watch is not None and (warning := watch.see(results)):
+            log.warning("%s", warning)
+        return results, elapsed_ms, version
 
     if resolve(node, rt.settings).follows_latest:
 
