@@ -2,6 +2,7 @@
 # abdag's two entry points on a fresh machine:
 #   ./dev.sh demo   set up, then run the demo on the embedded stack (the main job)
 #   ./dev.sh test   set up, then run the test suite
+#   ./dev.sh bench  set up (and the Quix Streams peer's own venv), then bench.run_all [ARGS]
 # Set-up creates .venv and installs abdag with its pinned dependencies (torch 2.13.0 CPU).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,6 +42,17 @@ system_packages() {
   fi
 }
 
+# The benchmarks' peer, Quix Streams, needs an older confluent-kafka than abdag pins: it
+# gets a venv of its own (bench/quix_peer.py finds it at .venv-quix).
+bench_setup() {
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e '.[test,bench]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  if [ ! -x .venv-quix/bin/python ] || ! .venv-quix/bin/python -c "import quixstreams" 2>/dev/null; then
+    echo "== creating .venv-quix for the Quix Streams peer" >&2
+    "$PY" -m venv .venv-quix
+    .venv-quix/bin/pip install --quiet --disable-pip-version-check quixstreams==3.28.1 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  fi
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -54,11 +66,16 @@ case "$cmd" in
     "$VENV/bin/ruff" check .
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  bench)
+    setup
+    bench_setup
+    exec "$VENV/bin/python" -m bench.run_all "$@"
+    ;;
   setup)
     setup
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|setup [ARGS...]" >&2
+    echo "usage: ./dev.sh demo|test|bench|setup [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -6,8 +6,13 @@ one Markdown table per benchmark section with the figures, the ratios measured i
 run, the machine (CPU model, cores, RAM, Python/torch versions, GPU if any), the date and
 the exact commands.
 
+The peer, Quix Streams (bench.quix_peer), runs under its own interpreter (quixstreams needs
+an older confluent-kafka than abdag pins); without one it prints how to make it and is
+skipped. Its section is followed by the ratios of abdag's and Faust's figures of the same
+run to Quix's ("not run" where a bench's figure is missing).
+
 Run: ``.venv/bin/python -m bench.run_all [--quick]
-[--only model_node,model_node_1thread,comparison,end_to_end]
+[--only model_node,model_node_1thread,comparison,end_to_end,quix_peer]
 [--device auto|cpu|cuda] [--render-only]``.
 """
 
@@ -22,11 +27,37 @@ from pathlib import Path
 from typing import Any
 
 from bench._harness import REPO, RESULTS_DIR, check_device, command_line, fmt, fmt_ratio
+from bench.quix_peer import CASE_FAUST, CASE_JOIN, CASE_PASS, CASE_PASS_WALL, INSTALL_HINT
 
-BENCHES = ("model_node", "model_node_1thread", "comparison", "end_to_end")
+BENCHES = ("model_node", "model_node_1thread", "comparison", "end_to_end", "quix_peer")
 VARIANTS = {"model_node_1thread": ("model_node", ["--torch-threads", "1"])}
 """Benchmarks run as another one with extra arguments: (module, arguments)."""
 DOC = REPO / "docs" / "benchmarks.md"
+PEER = "quix_peer"
+PEER_RATIOS = (
+    (
+        "abdag A/B DAG end to end (wall) / Quix pass-through (wall)",
+        ("end_to_end", "A/B DAG end to end (wall, until in ClickHouse)"),
+        (PEER, CASE_PASS_WALL),
+    ),
+    (
+        "abdag comparison node alone (join + sinks) / Quix join",
+        ("comparison", "comparison node alone (join + sinks)"),
+        (PEER, CASE_JOIN),
+    ),
+    ("Faust pass-through, plain / Quix pass-through", (PEER, CASE_FAUST), (PEER, CASE_PASS)),
+)
+"""The peer section: (what, numerator (bench, case), denominator (bench, case))."""
+PEER_TEXT = """\
+Ratios of this run's figures to the Quix Streams peer's. Each bench has its own private stack
+(the same Tansu broker and ClickHouse endpoint, one bench after another); the Faust
+pass-through ran in the peer bench's own rounds, on its stack. The end-to-end figure is wall
+time until the pairs are in ClickHouse (and covers the labels, as many records again, and
+the ClickHouse sink), against the Quix pass-through's wall time (first produce call -> last
+output). The comparison node reads A, B and labels in packs of 100 and writes pairs and
+snapshots to ClickHouse; the Quix join reads A and B as one JSON record per request and
+writes pairs to a topic.
+"""
 
 METHOD = """\
 How the figures are taken (details in each script's docstring and `bench/_harness.py`):
@@ -67,7 +98,8 @@ How the figures are taken (details in each script's docstring and `bench/_harnes
 """
 
 
-def run(bench: str, args: argparse.Namespace) -> Path:
+def run(bench: str, args: argparse.Namespace) -> bool:
+    """Run one benchmark; False if it exited without writing results (skipped)."""
     out = RESULTS_DIR / f"{bench}.json"
     module, extra = VARIANTS.get(bench, (bench, []))
     argv = [sys.executable, "-m", f"bench.{module}", "--results", str(out.relative_to(REPO))]
@@ -77,15 +109,62 @@ def run(bench: str, args: argparse.Namespace) -> Path:
     if args.device and module in ("model_node", "end_to_end"):
         argv += ["--device", args.device]
     print(f"\n=== {' '.join(argv[1:])}", flush=True)
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     subprocess.run(argv, cwd=REPO, check=True)
     print(f"=== {bench} took {time.monotonic() - started:.0f} s", flush=True)
-    return out
+    return out.exists() and out.stat().st_mtime >= began - 1
 
 
-def render(results: list[dict[str, Any]], command: str) -> str:
+def find_row(results: list[dict[str, Any]], bench: str, case: str) -> dict[str, Any] | None:
+    """The first row ``case`` of ``bench``'s results, with the bench's date added."""
+    for r in results:
+        if r["bench"] == bench:
+            for row in r["rows"]:
+                if row["case"] == case and row["value"] is not None:
+                    return {**row, "bench": bench, "date": r["date"]}
+    return None
+
+
+def render_peer(results: list[dict[str, Any]], skipped: dict[str, str]) -> list[str]:
+    """The peer section: abdag's and Faust's figures over Quix's, "not run" where missing."""
+    lines = ["## Peer ratios: abdag and Faust over Quix Streams", ""]
+    if PEER in skipped:
+        lines += [f"The Quix Streams peer was not run: {skipped[PEER]}.", ""]
+    lines += [
+        PEER_TEXT,
+        "| ratio | value | numerator | denominator |",
+        "| --- | ---: | --- | --- |",
+    ]
+
+    def cell(row: dict[str, Any] | None, bench: str) -> str:
+        if row is None:
+            return f"not run ({bench})"
+        return f"{fmt(row['value'])} {row['unit']} ({bench}, {row['date']})"
+
+    for what, (num_bench, num_case), (den_bench, den_case) in PEER_RATIOS:
+        num = find_row(results, num_bench, num_case)
+        den = find_row(results, den_bench, den_case)
+        value = "not run"
+        if num and den and den["value"] and den["value"] == den["value"]:
+            value = fmt_ratio(num["value"] / den["value"])
+        lines.append(f"| {what} | {value} | {cell(num, num_bench)} | {cell(den, den_bench)} |")
+    return [*lines, ""]
+
+
+def render(
+    results: list[dict[str, Any]],
+    command: str,
+    *,
+    peer: bool = False,
+    skipped: dict[str, str] | None = None,
+) -> str:
+    """The Markdown page; ``peer``: end with the peer ratios (bench.quix_peer was asked for)."""
+    skipped = skipped or {}
     if not results:
-        return "# Benchmarks\n\nNo results yet: run `.venv/bin/python -m bench.run_all`.\n"
+        text = "# Benchmarks\n\nNo results yet: run `.venv/bin/python -m bench.run_all`.\n"
+        if peer:
+            text += "\n" + "\n".join(render_peer(results, skipped))
+        return text
     quick = any(r["params"].get("quick") for r in results)
     m = results[0]["machine"]
     v = m["versions"]
@@ -137,6 +216,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
             lines.append("")
         if r["notes"]:
             lines += [f"- {n}" for n in r["notes"]] + [""]
+    if peer:
+        lines += render_peer(results, skipped)
     return "\n".join(lines)
 
 
@@ -156,21 +237,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown benchmark(s): {sorted(unknown)}; choose from {BENCHES}")
 
     failed = []
+    skipped: dict[str, str] = {}
     for bench in only:
         if args.render_only:
             continue
         try:
-            run(bench, args)
+            if not run(bench, args):
+                skipped[bench] = INSTALL_HINT if bench == PEER else "it wrote no results"
+                print(f"=== {bench} skipped: {skipped[bench]}", flush=True)
         except subprocess.CalledProcessError as exc:
             failed.append(bench)
             print(f"=== {bench} failed (exit {exc.returncode})", file=sys.stderr, flush=True)
     results = []
     for bench in BENCHES:
         path = RESULTS_DIR / f"{bench}.json"
-        if bench in only and bench not in failed and path.exists():
+        if bench in only and bench not in failed and bench not in skipped and path.exists():
             results.append(json.loads(path.read_text()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, command_line()) + "\n")
+    page = render(results, command_line(), peer=PEER in only, skipped=skipped)
+    args.out.write_text(page + "\n")
     print(f"\nwrote {args.out}", flush=True)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -36,3 +36,24 @@ def test_an_unknown_metric_of_a_comparison_is_refused_at_validation():
     dag.compare("ab", a=a, b=b, task="binary", metrics=["accuracy", "rmse"])
     with pytest.raises(DagError, match=r"node 'ab': unknown binary metrics \['rmse'\]"):
         validate(dag, load_models=False)
+
+
+def test_a_transform_returning_no_dict_fails_the_dry_run_as_it_would_dead_letter_each_event():
+    import pytest
+
+    from abdag.agents.errors import DagError
+    from abdag.topics import BadRecord
+
+    dag = Dag("t")
+    src = dag.source("q", example={"x": 1})
+    bad = dag.transform("listify", src, lambda p: [p["x"]])
+    good = dag.transform("double", src, lambda p: {"x": 2 * p["x"]})
+    sample = Event("r", 0.0, {"x": 1}, {})
+    with pytest.raises(
+        DagError, match=r"node 'listify': fn failed on the sample event: returned list, not a dict"
+    ):
+        bad.dry_run(dag, {"q": sample})
+    assert good.dry_run(dag, {"q": sample}).payload == {"x": 2}
+    assert sample.payload == {"x": 1}  # the sample other nodes read stays as it was
+    with pytest.raises(BadRecord, match="transform error: KeyError: 'x'"):
+        good.apply(Event("r2", 0.0, {}, {}))

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
     from abdag.agents.dag import Dag
 
+
 @dataclass(eq=False)
 class Comparison(Node):
     """The signal comparison node: A against B on the same requests, with labels if any."""

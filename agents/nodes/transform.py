@@ -29,15 +29,31 @@ class Transform(Node):
         if not callable(self.fn):
             raise self.fail(dag, "fn must be callable")
 
+    def apply(self, ev: Event) -> Event:
+        """``ev`` with the payload ``fn`` returns; BadRecord ``'transform error'`` when
+        ``fn`` raises or returns something that is not a dict (the worker and the dry run
+        alike)."""
+        try:
+            payload = self.fn(ev.payload)
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            raise BadRecord(
+                "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
+            ) from exc
+        if not isinstance(payload, dict):
+            why = f"returned {type(payload).__name__}, not a dict"
+            raise BadRecord("transform error", why, ev.request_id)
+        ev.payload = payload
+        return ev
+
     def dry_run(self, dag: Dag, events: dict[str, Event | None]) -> Event | None:
         ev = events.get(self.inputs[0])
         if ev is None:
             return None
+        sample = Event(ev.request_id, ev.ts, dict(ev.payload), dict(ev.outputs))
         try:
-            payload = self.fn(dict(ev.payload))
-        except Exception as exc:  # noqa: BLE001 - the user's function failed
-            raise self.fail(dag, f"fn failed on the sample event: {exc}") from exc
-        return Event(ev.request_id, ev.ts, payload, dict(ev.outputs))
+            return self.apply(sample)
+        except BadRecord as err:
+            raise self.fail(dag, f"fn failed on the sample event: {err.detail}") from None
 
     def build(self, rt: DagRuntime) -> None:
         _transform_agent(rt, self)
@@ -60,22 +76,9 @@ def _transform_agent(rt: DagRuntime, node: Transform) -> None:
             for e in events:
                 for record in await rt.records(node.name, e):
                     try:
-                        ev = event_from(record.body)
-                        payload = node.fn(ev.payload)
+                        ev = node.apply(event_from(record.body))
                     except BadRecord as err:
                         await rt.dead(node.name, err, e, record)
                         continue
-                    except Exception as exc:  # noqa: BLE001 - the user's function failed
-                        err = BadRecord(
-                            "transform error", f"{type(exc).__name__}: {exc}", ev.request_id
-                        )
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    if not isinstance(payload, dict):
-                        why = f"returned {type(payload).__name__}, not a dict"
-                        err = BadRecord("transform error", why, ev.request_id)
-                        await rt.dead(node.name, err, e, record)
-                        continue
-                    ev.payload = payload
                     ready.append((e.message.partition, encode(ev), record.headers))
             await rt.send_packed(out, ready)
