@@ -7,7 +7,9 @@ from abdag import Dag
 from abdag.demo.fraud import features_tensor, generate
 from abdag.settings import Settings
 
-MODELS = Settings.from_env().demo_models
+# a relative ABDAG_DEMO_MODELS means the working directory, as any variable does (model
+# paths the file writes relative would be read from the DAG file's folder)
+MODELS = Settings.from_env().demo_models.resolve()
 
 dag = Dag("fraud", partitions=4)
 transactions = dag.source("transactions", sampler=lambda n, seed: generate(n, seed)[0])
