@@ -91,3 +91,21 @@ def test_a_dag_file_written_for_the_old_top_level_packages_gets_a_hint(tmp_path)
     assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
     assert "No module named 'agents'" in got.stderr
     assert "a DAG file starts with `from abdag import Dag`" in got.stderr
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """A non-editable install (the Docker image's ``pip install .``) ships only the packages
+    pyproject.toml lists: a subpackage missing there imports in a checkout and fails in
+    the image."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for package, folder in tool["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            if "__pycache__" not in rel:
+                found.add(".".join((package, *rel)))
+    assert found <= listed, sorted(found - listed)
