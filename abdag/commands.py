@@ -223,7 +223,7 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from abdag.clickhouse import connect
-    from abdag.comparators.report import build_report, group_members, list_experiments
+    from abdag.comparators.report import build_reports, group_members, list_experiments
 
     client = connect(settings, readonly=True)
     known = list_experiments(client)
@@ -235,7 +235,8 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
             f"no experiment or group {args.experiment!r} in ClickHouse; "
             f"experiments: {known or 'none yet'}"
         )
-    reports = [build_report(client, m, margin=args.margin) for m in members]
+    # a group's segments: Benjamini-Hochberg over every challenger's tests together
+    reports = build_reports(client, members, margin=args.margin)
     if args.json:
         out = [r.to_dict() for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -252,6 +253,7 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
             action = {
                 "B worse": "retire it: abdag retire " + r.experiment,
                 "B better": "a candidate: abdag promote " + r.experiment,
+                "withheld": "the served split is not the declared one (SRM): find why first",
             }
             print(f"  {r.model_b:<20} {r.verdict.label:<16} {action.get(r.verdict.label, '')}")
     return 0

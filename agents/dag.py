@@ -160,6 +160,9 @@ class Dag:
         snapshot_interval: float = 5.0,
         mode: str = "shadow",
         split: float = 0.0,
+        segments: list[str | dict[str, Callable[[dict[str, Any]], Any]]]
+        | dict[str, Callable[[dict[str, Any]], Any]]
+        | None = None,
     ) -> Comparison | list[Comparison]:
         """Compare two model nodes' outputs on the same requests (see comparators/).
 
@@ -170,6 +173,11 @@ class Dag:
         ``b`` may be a list of challengers: each is compared with the champion ``a`` in a
         comparison named ``<name>__<challenger>``, and their verdicts share ``alpha``
         (Bonferroni) so that running several challengers does not inflate false wins.
+
+        ``segments`` names payload fields (``["country", "device"]``) and bucketed features
+        (``{"amount_bucket": fn}``, ``fn(payload) -> str``) whose value every pair row
+        records; the report compares A and B within each value (Benjamini-Hochberg over
+        segments, metrics and challengers).
         """
         (a_name,) = self._names(a)
         challengers = self._names(b)
@@ -197,6 +205,7 @@ class Dag:
                         split=split,
                         group=group,
                         group_size=len(challengers) if group else 1,
+                        segments=segments,
                     )
                 )
             )

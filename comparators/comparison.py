@@ -35,6 +35,7 @@ that partition, committed with what it sent, like any other input.)
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
@@ -154,6 +155,7 @@ class ComparisonState:
     ) -> None:
         # imported here: numpy and river load only where a comparison runs
         from abdag.comparators.metrics import PairMetrics
+        from abdag.comparators.segments import segment_values
 
         self.spec, self.experiment, self.worker = spec, experiment, worker
         self.thresholds = thresholds
@@ -170,6 +172,9 @@ class ComparisonState:
         self.metrics: dict[int, PairMetrics] = {}  # partition -> live metrics
         self._new_metrics = PairMetrics
         self._models = {A: spec.a, B: spec.b}
+        self._segments = spec.segment_specs()  # dag.compare(segments=...): (name, fn or None)
+        self._segment_failed: set[str] = set()  # bucket functions that raised (logged once)
+        self._values_of = segment_values
         self._since_snapshot: Counter[int] = Counter()  # counted updates since the last one
         self._last_snapshot: dict[int, float] = {}
         self._classes: int | None = None  # the models' number of classes, once a softmax is seen
@@ -212,19 +217,31 @@ class ComparisonState:
         self.control.update(promoted=promoted, retired=retired)
 
     def _prediction(self, incoming: Incoming, record: Packed, now: float, out: Outgoing) -> None:
-        side = incoming.side
+        side, spec = incoming.side, self.spec
         try:
             ev = event_from(record.body)
             pred = fields_of(ev.prediction(self._models[side]))
             pred["request_ts"] = ev.ts
             if isinstance(pred["output"], list) and self._classes_out:
                 self._classes = max(self._classes or 0, len(pred["output"]))
-            emitted = self.join.offer_prediction(side, ev.request_id, pred, now, ev.digest)
+            # this side answers the request: its served answer goes out below, and the join
+            # records who served it, for the pairs rows' served_by (the SRM check reads it)
+            serves = side == served_side(
+                ev.request_id, mode=spec.mode, split=spec.split, **self.control
+            )
+            emitted = self.join.offer_prediction(
+                side,
+                ev.request_id,
+                pred,
+                now,
+                ev.digest,
+                served=serves,
+                segments=self._segment_values(ev.payload) if self._segments else None,
+            )
         except BadRecord as err:
             out.refused.append(Refused(err, incoming, record))
             return
-        spec = self.spec
-        if side == served_side(ev.request_id, mode=spec.mode, split=spec.split, **self.control):
+        if serves:
             answer = {"request_id": ev.request_id, "served_by": side, **pred}
             out.served.append((ev.request_id.encode(), orjson.dumps(answer), record.headers))
         if emitted is not None:
@@ -284,6 +301,26 @@ class ComparisonState:
         self._since_snapshot[partition] += 1
         if self._since_snapshot[partition] >= self.spec.snapshot_every:
             out.snapshots.append(self._snapshot(partition, now))
+
+    # -- segments ----------------------------------------------------------------------
+    def _segment_values(self, payload: Any) -> Callable[[], dict[str, str]]:
+        """What makes the request's segment values (``dag.compare(segments=...)``) from the
+        payload of A's or B's event: the join calls it once per request, with its first
+        prediction, and keeps the values for every row (:mod:`abdag.comparators.segments`)."""
+        values_of, specs, on_error = self._values_of, self._segments, self._segment_error
+        return lambda: values_of(specs, payload, on_error=on_error)
+
+    def _segment_error(self, name: str, exc: BaseException) -> None:
+        """A bucket function that raised: its value is '' (missing); said once per name."""
+        if name not in self._segment_failed:
+            self._segment_failed.add(name)
+            logging.getLogger("abdag.worker").warning(
+                "comparison %s: segment %r failed (%s: %s); such requests get '' for it",
+                self.spec.name,
+                name,
+                type(exc).__name__,
+                exc,
+            )
 
     # -- snapshots ---------------------------------------------------------------------
     def snapshots_due(self, now: float) -> list[tuple[int, list[dict[str, Any]]]]:

@@ -37,7 +37,7 @@ abdag.topics.records.BadRecord: conflicting label: request r1 already has label 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +62,8 @@ class Emitted:
     newly_labelled: bool
     newly_paired: bool
     replay: bool = False
+    served_by: str = ""  # 'a' / 'b': whose answer the node served; '' none (yet)
+    segments: dict[str, str] | None = None  # the request's segment values (pairs.segments)
 
 
 class PairJoin:
@@ -94,10 +96,22 @@ class PairJoin:
         self._scanned_at = float("-inf")
 
     def offer_prediction(
-        self, side: str, request_id: str, prediction: dict[str, Any], now: float, digest: str = ""
+        self,
+        side: str,
+        request_id: str,
+        prediction: dict[str, Any],
+        now: float,
+        digest: str = "",
+        *,
+        served: bool = False,
+        segments: Callable[[], dict[str, str]] | None = None,
     ) -> Emitted | None:
         """``digest``: the request's payload hash (``Event.digest``); a prediction for a
-        payload other than the one this request id was first seen with is refused."""
+        payload other than the one this request id was first seen with is refused.
+        ``served``: this prediction is the request's served answer; the entry remembers
+        its side, and every row of the request says so (``Emitted.served_by``).
+        ``segments``: makes the request's segment values; called once per request (by its
+        first prediction), kept in the entry and on every row (``Emitted.segments``)."""
         if side not in ("a", "b"):
             raise ValueError(f"side must be 'a' or 'b', got {side!r}")
         entry = self.store.get(request_id) or {"first": now, "stage": 0}
@@ -110,6 +124,10 @@ class PairJoin:
         if digest:
             entry["digest"] = digest
         entry[side] = prediction
+        if served:
+            entry["served_by"] = side
+        if segments is not None and "segments" not in entry:
+            entry["segments"] = segments()
         entry.setdefault("first", now)
         entry["touched"] = now
         emitted = None
@@ -180,6 +198,8 @@ class PairJoin:
             first_ts=entry["first"],
             newly_labelled=stage == LABELLED,
             newly_paired=stage >= PAIRED and previous < PAIRED,
+            served_by=entry.get("served_by", ""),
+            segments=entry.get("segments"),
         )
 
     def _replay(self, request_id: str, entry: dict[str, Any]) -> Emitted | None:

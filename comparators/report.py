@@ -27,12 +27,21 @@ from typing import Any
 
 import numpy as np
 
+from abdag.comparators.decision_time import (
+    RATE_WINDOW_S,
+    UNKNOWN_REQUEST_REASON,
+    LabelStats,
+    TimeToDecision,
+    time_to_decision,
+)
 from abdag.comparators.metric_specs import (
     DEFAULT_METRICS,
     METRICS,
     cumulative_curves,
 )
 from abdag.comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
+from abdag.comparators.segments import SegmentReport, adjust, segment_report
+from abdag.comparators.srm import SrmResult, skipped, srm_check
 from abdag.comparators.statistics import (
     McNemarResult,
     SequentialResult,
@@ -42,10 +51,11 @@ from abdag.comparators.statistics import (
     sequential_test,
 )
 from abdag.comparators.tasks import TASK_SPECS, TASKS, task_spec
-from abdag.comparators.verdict import Verdict, decide
+from abdag.comparators.verdict import WITHHELD, Verdict, decide, withhold
 
 __all__ = [
     "DEAD_LETTERS_SQL",
+    "LABELS_SQL",
     "LIST_EXPERIMENTS_SQL",
     "LOSS_NAMES",
     "METRICS_SQL",
@@ -54,14 +64,20 @@ __all__ = [
     "REPORT_METRICS",
     "ROWS_SQL",
     "ROW_COLUMNS",
+    "SEGMENT_NAMES_SQL",
+    "SRM_SQL",
     "TIMELINE_COUNTS_SQL",
     "Report",
     "build_report",
+    "build_reports",
+    "check_served_split",
     "declared_metrics",
     "group_alpha",
     "list_experiments",
     "metrics_sql",
+    "report_segments",
     "rows_sql",
+    "segment_rows_sql",
     "timeline",
 ]
 
@@ -102,6 +118,14 @@ FROM dead_letters
 WHERE dag = {{dag:String}}
 GROUP BY reason
 ORDER BY reason"""
+
+SRM_SQL = f"""SELECT
+    countIf(served_by = 'a') AS served_a,
+    countIf(served_by = 'b') AS served_b,
+    countIf(served_by = '') AS not_served
+FROM {PAIRS_DEDUP}
+WHERE {_EXP}"""
+"""Whose answer was served, per request (``served_by``): the counts of the SRM check."""
 
 LIST_EXPERIMENTS_SQL = "SELECT DISTINCT experiment FROM pairs ORDER BY experiment"
 # DISTINCT is unaffected by duplicate rows, so this one read of pairs needs no FINAL.
@@ -182,12 +206,65 @@ ORDER BY t"""
 }
 """Paired and labelled requests per time bucket of ``request_ts`` (:func:`timeline`)."""
 
+_DELAY_S = (
+    "(toUnixTimestamp64Milli(assumeNotNull(label_ts)) "
+    "- toUnixTimestamp64Milli(request_ts)) / 1000.0"
+)
+
+
+def _age_s(ts: str) -> str:
+    return f"(toUnixTimestamp64Milli(as_of) - toUnixTimestamp64Milli({ts})) / 1000.0"
+
+
+LABELS_SQL: dict[str, str] = {
+    task: f"""WITH
+    (SELECT max(greatest(request_ts, ifNull(label_ts, request_ts)))
+     FROM {PAIRS_DEDUP} WHERE {_EXP}) AS as_of,
+    (SELECT quantileExactInclusive(0.99)(toNullable({_DELAY_S}))
+     FROM {PAIRS_DEDUP} WHERE {_labelled_where(task)}) AS p99
+SELECT
+    as_of,
+    min(request_ts) AS first_request_ts,
+    countIf(status = 'paired') AS paired,
+    countIf(lab) AS labelled,
+    quantileExactInclusive(0.5)(delay_s) AS delay_p50_s,
+    quantileExactInclusive(0.9)(delay_s) AS delay_p90_s,
+    p99 AS delay_p99_s,
+    countIf(status = 'paired' AND label IS NULL AND age_s < ifNull(p99, inf)) AS waiting,
+    countIf(status = 'paired' AND age_s >= p99) AS settled_paired,
+    countIf(lab AND age_s >= p99) AS settled_labelled,
+    countIf(lab AND label_age_s < {{window_seconds:UInt32}}) AS labelled_in_window,
+    countIf(status = 'paired' AND age_s < {{window_seconds:UInt32}}) AS paired_in_window
+FROM (
+    SELECT
+        *,
+        {_LABELLED} AND {_SCORABLE[task]} AS lab,
+        if(lab, {_DELAY_S}, NULL) AS delay_s,
+        {_age_s("request_ts")} AS age_s,
+        {_age_s("label_ts")} AS label_age_s
+    FROM {PAIRS_DEDUP}
+    WHERE {_EXP}
+)"""
+    for task in TASKS
+}
+"""Label delay and coverage of one experiment, one row (read by
+:class:`abdag.comparators.decision_time.LabelStats`): ``as_of`` the experiment's latest
+time (last request or label); ``delay_p50_s`` / ``p90`` / ``p99`` of ``label_ts -
+request_ts`` over the labelled pairs the test counts (``quantileExactInclusive``: numpy's
+``method='linear'``); ``waiting`` paired requests without a label younger than the p99
+delay; ``settled_*`` requests older than it; ``labelled_in_window`` labels whose
+``label_ts`` is within ``{window_seconds}`` of ``as_of``, ``paired_in_window`` requests
+whose ``request_ts`` is. docs/statistics.md, "Label delay and coverage"."""
+
 
 # ------------------------------------------------------------------------ report
 @dataclass
 class Report:
     """Everything a user needs to judge B against A; ``metrics[name]`` is
-    ``(a, b, b - a, ci_low, ci_high)`` with the interval on ``b - a``."""
+    ``(a, b, b - a, ci_low, ci_high)`` with the interval on ``b - a``.
+
+    ``srm``: the served-split check of a split experiment (None otherwise); while it fires
+    ``verdict`` is 'withheld' and ``statistical_verdict`` is what the tests said."""
 
     experiment: str
     task: str
@@ -208,6 +285,13 @@ class Report:
     ci_method: str = ""
     first_request_ts: str | None = None
     last_request_ts: str | None = None
+    srm: SrmResult | None = None
+    statistical_verdict: Verdict | None = None
+    # label delay and coverage; labelled pairs still needed and when (decision_time)
+    labels: LabelStats | None = None
+    time_to_decision: TimeToDecision | None = None
+    # A against B within each segment value, BH-adjusted (abdag.comparators.segments)
+    segments: SegmentReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: NaN and infinities become None, numpy scalars Python numbers."""
@@ -236,6 +320,14 @@ class Report:
                 "mcnemar": self.mcnemar.to_dict() if self.mcnemar else None,
                 "sequential": self.sequential.to_dict() if self.sequential else None,
                 "verdict": self.verdict.to_dict(),
+                # what the tests said, also while the verdict is withheld (SRM)
+                "statistical_verdict": (self.statistical_verdict or self.verdict).to_dict(),
+                "srm": self.srm.to_dict() if self.srm else None,
+                "time_to_decision": (
+                    self.time_to_decision.to_dict() if self.time_to_decision else None
+                ),
+                "labels": self.labels.to_dict() if self.labels else None,
+                "segments": self.segments.to_dict() if self.segments else None,
                 "loss": self.loss,
                 "margin": self.margin,
                 "alpha": self.alpha,
@@ -287,9 +379,46 @@ class Report:
                 f"{_f(s.mean, True)}, {1 - s.alpha:.0%} CS [{_f(s.lower, True)}, "
                 f"{_f(s.upper, True)}], p = {s.pvalue_always_valid:.4g}, n = {s.n}"
             )
+        if self.srm is not None:
+            lines.append(_srm_line(self.srm))
         v = self.verdict
+        if v.label == WITHHELD:  # e.g. "withheld: SRM: served 13.2% to B, declared 10%"
+            lines += ["", f"  Verdict: {v.label}: {v.reason}"]
+            sv = self.statistical_verdict
+            if sv is not None:
+                lines.append(
+                    f"  statistical verdict, withheld: {sv.label} "
+                    f"(confidence {sv.confidence:.3f}): {sv.reason}"
+                )
+            return "\n".join(lines + self._decision_lines() + self._segment_lines())
         lines += ["", f"  Verdict: {v.label} (confidence {v.confidence:.3f})", f"  {v.reason}"]
-        return "\n".join(lines)
+        return "\n".join(lines + self._decision_lines() + self._segment_lines())
+
+    def _decision_lines(self) -> list[str]:
+        """Time to decision and how labels come, under the verdict."""
+        out = [f"  {x.render()}" for x in (self.time_to_decision, self.labels) if x is not None]
+        return [""] + out if out else []
+
+    def _segment_lines(self) -> list[str]:
+        """A against B within each segment value, last (none without declared segments)."""
+        s = self.segments
+        return ["", *s.render()] if s is not None and (s.values or s.note) else []
+
+
+def _srm_line(r: SrmResult) -> str:
+    head = "  Served split (SRM check)"
+    unserved = f"; {r.not_served} requests not served" if r.not_served else ""
+    if r.status == "skipped":
+        return f"{head}: skipped: {r.reason}{unserved}"
+    outcome = (
+        f"SRM fired (sequential p < {r.threshold:g}): verdict withheld"
+        if r.fired
+        else "no mismatch"
+    )
+    return (
+        f"{head}: A {r.n_a}, B {r.n_b}: {r.summary()}; chi-square p = {r.pvalue_chi2:.4g}, "
+        f"sequential p = {r.pvalue_sequential:.4g} (always valid){unserved}: {outcome}"
+    )
 
 
 def _model(name: str, version: str) -> str:
@@ -422,6 +551,32 @@ def build_report(
         if seq is not None
         else Verdict("not enough data", 0.0, "no labelled pairs with a known task yet")
     )
+    statistical = verdict
+    srm = check_served_split(client, experiment, declared, sql)
+    if srm is not None and srm.fired:  # the served split is not the declared one
+        verdict = withhold(f"SRM: {srm.summary()}")
+    unknown = dead.get(UNKNOWN_REQUEST_REASON, 0)  # labels whose request never came
+    labels = LabelStats(unknown_request_labels=unknown)
+    if task in TASKS:
+        sql.append(LABELS_SQL[task])
+        row = _one(client, LABELS_SQL[task], {**params, "window_seconds": RATE_WINDOW_S})
+        labels = LabelStats.from_row(row, unknown_request_labels=unknown)
+    ttd = time_to_decision(seq, verdict.label, labels, min_pairs=min_pairs)
+    segments = (
+        report_segments(
+            client,
+            experiment,
+            task,
+            declared_metrics(task, declared),
+            alpha=alpha,
+            verdict=statistical.label,
+            sql=sql,
+            n_resamples=n_resamples,
+            seed=seed,
+        )
+        if task in TASKS
+        else None
+    )
     return Report(
         experiment=experiment,
         task=task,
@@ -442,6 +597,46 @@ def build_report(
         ci_method=method,
         first_request_ts=_ts(ov.get("first_request_ts")) if counts["paired"] else None,
         last_request_ts=_ts(ov.get("last_request_ts")) if counts["paired"] else None,
+        srm=srm,
+        statistical_verdict=statistical,
+        labels=labels,
+        time_to_decision=ttd,
+        segments=segments,
+    )
+
+
+def check_served_split(
+    client: Any, experiment: str, declared: dict[str, Any], sql: list[str] | None = None
+) -> SrmResult | None:
+    """The sample-ratio mismatch check of a split experiment (:mod:`abdag.comparators.srm`)
+    on its served counts (``SRM_SQL``, appended to ``sql``); None unless the DAG declared
+    ``mode="split"``. Skipped (with the reason) when the split is 0 or 1, once a promotion
+    or a retirement changed who serves (the declared split no longer holds), and while
+    there are too few served requests."""
+    if declared.get("mode") != "split":
+        return None
+    share = float(declared.get("split") or 0.0)
+    if not 0.0 < share < 1.0:
+        return skipped(share, f"split {share:g}: one side serves every request")
+    from abdag.comparators.decisions import latest_decision
+
+    try:
+        decision = latest_decision(client, experiment)
+    except Exception:  # noqa: BLE001 - older stores have no decisions table
+        decision = None
+    if decision is not None:
+        return skipped(share, f"{decision.action}d: the declared split no longer holds")
+    if sql is not None:
+        sql.append(SRM_SQL)
+    try:
+        c = _one(client, SRM_SQL, {"experiment": experiment})
+    except Exception:  # noqa: BLE001 - a pairs table a worker of schema 6 has not migrated
+        return skipped(share, "no served_by column in pairs (workers older than schema 6)")
+    return srm_check(
+        int(c.get("served_a") or 0),
+        int(c.get("served_b") or 0),
+        share,
+        not_served=int(c.get("not_served") or 0),
     )
 
 
@@ -545,3 +740,80 @@ def timeline(client: Any, experiment: str, bucket_seconds: int = 60) -> list[dic
         row["ts"] = _ts(dt.datetime.fromtimestamp(int(r["t"]), tz=dt.UTC)) or ""
         out.append(_json_safe(row))
     return out
+
+
+# ---------------------------------------------------------------------- segments
+SEGMENT_NAMES_SQL = f"""SELECT DISTINCT arrayJoin(mapKeys(segments)) AS segment
+FROM {PAIRS_DEDUP}
+WHERE {_EXP}
+ORDER BY segment"""
+"""The segments the experiment's rows record (``dag.compare(segments=...)``)."""
+
+
+def segment_rows_sql(task: str, count: int) -> str:
+    """The report's labelled rows (``ROW_COLUMNS``, :func:`rows_sql`) with each row's value
+    of ``count`` segments, named by the parameters ``{segment_0:String}``, ...: columns
+    ``segment_0``, ... ('' where the row has no such key)."""
+    cols = (f"segments[{{segment_{i}:String}}] AS segment_{i}" for i in range(count))
+    return rows_sql(task, *cols)
+
+
+def report_segments(
+    client: Any,
+    experiment: str,
+    task: str,
+    metrics: tuple[str, ...] | list[str],
+    *,
+    alpha: float = 0.05,
+    verdict: str = "",
+    sql: list[str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> SegmentReport | None:
+    """A against B within each value of each segment of the experiment
+    (:func:`abdag.comparators.segments.segment_report`: per metric the values, the
+    interval, the paired test's p and the Benjamini-Hochberg q over this experiment's
+    tests at ``alpha``), from its labelled rows in ``pairs FINAL``; the SQL is appended to
+    ``sql``. None when no row records a segment; a report with only a ``note`` on a pairs
+    table without the column (workers older than schema 7)."""
+    params: dict[str, Any] = {"experiment": experiment}
+    try:
+        names = [r[0] for r in client.query(SEGMENT_NAMES_SQL, parameters=params).result_rows]
+    except Exception:  # noqa: BLE001 - a pairs table no worker of schema 7 has migrated
+        note = "no segments column in pairs (workers older than schema 7)"
+        return SegmentReport(experiment, [], [], alpha=alpha, verdict=verdict, note=note)
+    if not names:
+        return None
+    rows_query = segment_rows_sql(task, len(names))
+    if sql is not None:
+        sql += [SEGMENT_NAMES_SQL, rows_query]
+    params.update({f"segment_{i}": name for i, name in enumerate(names)})
+    res = client.query(rows_query, parameters=params)
+    if res.result_rows:
+        cols = dict(zip(res.column_names, res.result_columns, strict=True))
+    else:
+        cols = {c: [] for c in res.column_names}
+    return segment_report(
+        {k: np.asarray(cols[k]) for k in ROW_COLUMNS[task]},
+        {name: cols[f"segment_{i}"] for i, name in enumerate(names)},
+        metrics,
+        experiment=experiment,
+        alpha=alpha,
+        verdict=verdict,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def build_reports(
+    client: Any, experiments: list[str], *, alpha: float = 0.05, **kwargs: Any
+) -> list[Report]:
+    """:func:`build_report` of each experiment (``kwargs`` passed on). For several (a
+    champion and its challengers, ``abdag report <dag>.<name>``), Benjamini-Hochberg over
+    the segments runs once over every challenger's tests together (segments x metrics x
+    challengers) at ``alpha``, replacing each report's own."""
+    reports = [build_report(client, e, alpha=alpha, **kwargs) for e in experiments]
+    segments = [r.segments for r in reports if r.segments is not None]
+    if len(reports) > 1 and segments:
+        adjust(segments, alpha, scope=f"{len(reports)} challengers together")
+    return reports

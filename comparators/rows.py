@@ -53,11 +53,20 @@ def pair_row(
         "label_ts": emitted.label_ts,
         "stage": emitted.stage,
         "worker": worker,
+        "served_by": emitted.served_by,
+        "segments": emitted.segments or {},  # dag.compare(segments=...), name -> value
     }
 
 
 def to_insert_values(row: dict[str, Any]) -> list[Any]:
-    """Column values in PAIR_COLUMNS order, times as timezone-aware datetimes."""
+    """Column values in PAIR_COLUMNS order, times as timezone-aware datetimes.
+
+    A row from a worker older than a column (still on the pairs topic during an upgrade)
+    gets the column's default: ``served_by`` ''."""
+    if row.get("served_by") is None:
+        row = {**row, "served_by": ""}
+    if row.get("segments") is None:  # ``segments`` {} (schema 7)
+        row = {**row, "segments": {}}
     return [
         _dt(row[c]) if c in _TIME_COLUMNS and row[c] is not None else row[c] for c in PAIR_COLUMNS
     ]

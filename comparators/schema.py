@@ -59,7 +59,8 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 5  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics
+SCHEMA_VERSION = 7  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics;
+# 6: pairs.served_by; 7: pairs.segments
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 PAIRS_DEDUP = "pairs FINAL"
@@ -101,6 +102,12 @@ PAIRS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("label_ts", f"Nullable({TS})"),
     ("stage", "UInt8"),  # 1 unpaired, 2 paired without label, 3 paired with label
     ("worker", "LowCardinality(String)"),
+    # whose answer the comparison node served: 'a' | 'b'; '' none (the serving side's
+    # prediction never came) or a row from before schema 6. The SRM check counts it.
+    ("served_by", "LowCardinality(String)"),
+    # dag.compare(segments=...): segment name -> the request's value ('' when its payload
+    # lacks the field); {} when none are declared or on rows from before schema 7
+    ("segments", "Map(LowCardinality(String), String)"),
 )
 
 TABLES: dict[str, Table] = {

@@ -51,6 +51,7 @@ __all__ = [
     "SequentialResult",
     "average_precision",
     "confidence_sequence",
+    "cs_radius_factor",
     "mcnemar_from_counts",
     "mcnemar_test",
     "paired_bootstrap_auc_diff",
@@ -156,6 +157,21 @@ def _running_moments(d: np.ndarray, prior_var: float) -> tuple[np.ndarray, np.nd
     return t, mean, var
 
 
+def cs_radius_factor(t: np.ndarray | float, alpha: float = 0.05, *, tuning_n: float = 1000):
+    """The confidence sequence's half-width at ``t`` labelled pairs per unit of standard
+    deviation: ``sqrt(2 (t rho^2 + 1) / (t^2 rho^2) * log(sqrt(t rho^2 + 1) / alpha))``.
+
+    One definition for :func:`confidence_sequence` and for the projections of
+    :mod:`abdag.comparators.decision_time`. It decreases in ``t`` for every ``alpha < 0.6``.
+
+    >>> round(float(cs_radius_factor(1000.0)), 4)  # at t = tuning_n: about 3.04 / sqrt(t)
+    0.096
+    """
+    t = np.asarray(t, dtype=float)
+    tr = t * _rho2(alpha, tuning_n)
+    return np.sqrt(2.0 * (tr + 1.0) / (t * tr) * np.log(np.sqrt(tr + 1.0) / alpha))
+
+
 def confidence_sequence(
     d: np.ndarray,
     alpha: float = 0.05,
@@ -174,10 +190,7 @@ def confidence_sequence(
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("d must be a non-empty 1-D array")
     t, mean, var = _running_moments(d, prior_var)
-    rho2 = _rho2(alpha, tuning_n)
-    tr = t * rho2
-    radius_factor = np.sqrt(2.0 * (tr + 1.0) / (t * tr) * np.log(np.sqrt(tr + 1.0) / alpha))
-    radius = np.sqrt(var) * radius_factor
+    radius = np.sqrt(var) * cs_radius_factor(t, alpha, tuning_n=tuning_n)
     ok = (t >= burn_in) & (var > 0)
     start = int(np.argmax(ok)) if ok.any() else len(d)
     # all d identical after burn-in: the sequence is the single value itself
@@ -325,7 +338,9 @@ METRIC_FUNCTIONS: dict[str, tuple[MetricFn, str]] = {
 # --------------------------------------------------------------------- bootstrap
 @dataclass(frozen=True)
 class Interval:
-    """``estimate`` of metric(B) - metric(A) with a bootstrap interval ``[low, high]``."""
+    """``estimate`` of metric(B) - metric(A) with a bootstrap interval ``[low, high]``;
+    ``se``: the bootstrap standard error of B - A (over the resamples that have a value;
+    NaN when fewer than half do), for a Wald test (:mod:`abdag.comparators.segments`)."""
 
     estimate: float
     low: float
@@ -333,6 +348,7 @@ class Interval:
     confidence: float = 0.95
     method: str = "BCa"
     n: int = 0
+    se: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -392,7 +408,15 @@ def paired_bootstrap_metric_diff(
         if not (math.isnan(low) or math.isnan(high)):
             method = m
             break
-    return Interval(estimate, low, high, confidence, method, n)
+    se = _bootstrap_se(res.bootstrap_distribution)
+    return Interval(estimate, low, high, confidence, method, n, se)
+
+
+def _bootstrap_se(distribution: np.ndarray) -> float:
+    """The standard deviation of a bootstrap distribution's finite values (ddof 1)."""
+    dist = np.asarray(distribution, dtype=float).ravel()
+    ok = dist[np.isfinite(dist)]
+    return float(ok.std(ddof=1)) if len(ok) >= max(2, len(dist) // 2) else math.nan
 
 
 def paired_bootstrap_auc_diff(

@@ -22,6 +22,11 @@ side of keeping A in production.
 (mean 0 for 'B better', mean -margin for 'B not worse' / 'B worse'), or ``1 - p`` of
 McNemar when the guardrail decided; 0 for 'not enough data'.
 
+A split experiment whose served split does not match the declared one (a sample-ratio
+mismatch, :mod:`abdag.comparators.srm`) gets no verdict: :func:`withhold` replaces whatever
+``decide`` said with 'withheld' (confidence 0, the reason names the mismatch); the report
+keeps the statistical verdict beside it.
+
 >>> from abdag.comparators.statistics import sequential_test
 >>> import numpy as np
 >>> d = np.random.default_rng(0).normal(0.1, 0.5, 2000)
@@ -38,9 +43,10 @@ from dataclasses import asdict, dataclass
 
 from abdag.comparators.statistics import McNemarResult, SequentialResult
 
-__all__ = ["LABELS", "Verdict", "decide"]
+__all__ = ["LABELS", "WITHHELD", "Verdict", "decide", "withhold"]
 
-LABELS = ("B better", "B not worse", "B worse", "not enough data")
+WITHHELD = "withheld"
+LABELS = ("B better", "B not worse", "B worse", "not enough data", WITHHELD)
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,14 @@ def decide(
             return Verdict("B worse", 1.0 - m.pvalue, f"{acc}; {ci}")
         return Verdict("not enough data", 0.0, f"loss and accuracy disagree: {acc}; {ci}")
     return Verdict(label, float(max(0.0, conf)), f"{why} ({n} labelled pairs)")
+
+
+def withhold(why: str) -> Verdict:
+    """No verdict while the experiment is broken, whatever :func:`decide` said: label
+    'withheld', confidence 0, ``why`` as the reason. The caller keeps the statistical
+    verdict beside it.
+
+    >>> withhold("SRM: served 13.2% to B, declared 10%")
+    Verdict(label='withheld', confidence=0.0, reason='SRM: served 13.2% to B, declared 10%')
+    """
+    return Verdict(WITHHELD, 0.0, why)

@@ -55,3 +55,22 @@ def fraud_models(tmp_path_factory):
     from abdag.demo.fraud import train_models
 
     return train_models(tmp_path_factory.mktemp("models"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, request):
+    """A ClickHouse client on the real engine in-process (chdb), with abdag's schema, one
+    database per test module: for tests that insert rows and read reports, no server."""
+    import clickhouse_connect
+
+    from abdag.comparators.schema import ensure_schema
+
+    database = request.module.__name__.rpartition(".")[2]
+    path = str(tmp_path_factory.mktemp("chdb") / "engine")
+    boot = clickhouse_connect.get_client(interface="chdb", path=path)
+    boot.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    c = clickhouse_connect.get_client(interface="chdb", path=path, database=database)
+    ensure_schema(c)
+    yield c
+    c.close()
+    boot.close()

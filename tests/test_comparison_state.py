@@ -349,6 +349,44 @@ def test_control_is_a_dict_a_decisions_follower_may_update_in_place():
     assert served_by(state, ["r"]) == {"r": "b"}
 
 
+def test_pair_rows_say_whose_answer_was_served():
+    """served_by, for the SRM check: the side whose served answer went out, on every row
+    of the request; '' when the serving side's prediction never came (none went out)."""
+    rids = [f"req-{i}" for i in range(400)]
+    state = make(mode="split", split=0.3)
+    out = state.process([a(*(prediction("m_a", r, 0.6) for r in rids))], now=0.0)
+    served = {orjson.loads(v)["request_id"]: orjson.loads(v)["served_by"] for _, v, _ in out.served}
+    to_b = [r for r in rids if stable_share(r) < 0.3]
+    assert set(served) == set(rids) - set(to_b) and set(served.values()) == {"a"}
+    # B answers half of its requests; the other half of its predictions are dead letters
+    late = to_b[::2]
+    out = state.process([b(*(prediction("m_b", r, 0.4) for r in late))], now=1.0)
+    assert {orjson.loads(v)["request_id"] for _, v, _ in out.served} == set(late)
+    assert {r: row["served_by"] for r, (_, row) in out.pairs.items()} == dict.fromkeys(late, "b")
+    expired = state.process([ticks(*rids)], now=20.0).pairs  # join_timeout passed
+    rows = {r: row for r, (_, row) in expired.items()}
+    assert set(rows) == set(rids) - set(late)  # the unpaired ones
+    for r, row in rows.items():
+        assert row["status"] == "missing_b" and row["stage"] == 1
+        assert row["served_by"] == ("" if r in to_b else "a")
+    # a label later (and a replay) keep who served, even after a promotion changed it
+    state.serve(promoted=True)
+    r = late[0]
+    assert state.process([labels(label(r, 1))], now=21.0).pairs[r][1]["served_by"] == "b"
+    replay = state.process([a(prediction("m_a", r, 0.6))], now=22.0)
+    assert replay.pairs[r][1]["served_by"] == "b"
+    assert [orjson.loads(v)["served_by"] for _, v, _ in replay.served] == ["a"]  # promoted now
+
+
+def test_served_by_survives_the_store_and_a_label_that_came_first():
+    store: dict = {}
+    first = make(store, mode="split", split=1.0)  # B serves every request
+    assert first.process([labels(label("r", 0)), b(prediction("m_b", "r", 0.2))], 0.0).pairs == {}
+    second = make(store, mode="split", split=1.0)  # another worker took the partition
+    _, row = second.process([a(prediction("m_a", "r", 0.7))], 1.0).pairs["r"]
+    assert (row["stage"], row["served_by"]) == (3, "b")
+
+
 # -- snapshots ---------------------------------------------------------------------------
 def pair(rid: str, y: int | None = None) -> list[Incoming]:
     batch = [a(prediction("m_a", rid, 0.8)), b(prediction("m_b", rid, 0.3))]

@@ -155,6 +155,12 @@ def test_report_endpoint_equals_build_report(server, data):
         "scored": N - UNLABELLED,
     }
     assert api["verdict"]["label"] == "B better"
+    # label delay, coverage and the time to decision beside the verdict (decision_time)
+    assert api["time_to_decision"]["status"] == "decided"
+    assert api["time_to_decision"]["decision"] == "B better"
+    lb = api["labels"]
+    assert lb["coverage"] == (N - UNLABELLED) / N and lb["unknown_request_labels"] == 0
+    assert 0 < lb["waiting"] <= UNLABELLED  # the newest requests, still waiting for labels
     assert api["metrics"]["roc_auc"]["ci_low"] > 0
     # a margin is passed through to the same function
     status, with_margin, _ = _get(server.url + f"api/report?experiment={EXPERIMENT}&margin=0.05")
@@ -203,6 +209,9 @@ def test_timeline_endpoint(server, data):
     assert sm["latency_p95_b"] == pytest.approx(np.percentile(lat_b.astype(np.float32), 95))
     delays = [r["label_ts"] - r["request_ts"] for r in labelled]
     assert sm["label_delay_p50_s"] == pytest.approx(np.median(delays), abs=2e-3)  # ms storage
+    assert sm["label_delay_p90_s"] == pytest.approx(np.percentile(delays, 90), abs=2e-3)
+    assert sm["label_delay_p99_s"] == pytest.approx(np.percentile(delays, 99), abs=2e-3)
+    assert sm["label_delay_p99_s"] == pytest.approx(report["labels"]["delay_p99_s"], rel=1e-12)
     paired = [r for r in rows if r["status"] == "paired"]
     assert sm["agreement"] == pytest.approx(np.mean([r["pred_a"] == r["pred_b"] for r in paired]))
     mc = report["mcnemar"]
@@ -350,6 +359,8 @@ def test_page_renders_in_chromium(server, data, tmp_path):
     assert drawn == expected_points
     assert dom.count('class="uplot') == len(expected_points)  # a canvas chart in each
     c = report["counts"]
+    assert hooks.by_id["ttd"]["data-status"] == report["time_to_decision"]["status"]
+    assert hooks.tiles["unknown_labels"] == "0"
     for key in ("paired", "labelled", "missing_a", "missing_b", "dead_letters"):
         assert hooks.tiles[key] == str(c[key]), key
     assert hooks.metric_rows == list(report["metrics"])
@@ -361,3 +372,37 @@ def test_page_renders_in_chromium(server, data, tmp_path):
     head = shot.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1400, 1800)
+
+
+def test_a_sample_ratio_mismatch_withholds_the_verdict_on_the_page(server, stack, tmp_path):
+    """A split experiment whose B served far less than its declared 10%: the API's verdict
+    is withheld (the statistical one kept beside it) and the page shows the SRM warning."""
+    from abdag.comparators.decisions import stable_share
+
+    exp = "dashboard_srm.split"
+    client = connect(stack)
+    try:
+        rows = _pair_rows(exp, 600, seed=13)
+        for i, r in enumerate(rows):  # four in five of B's served answers never went out
+            to_b = stable_share(r["request_id"]) < 0.1
+            r["served_by"] = "" if to_b and i % 5 else ("b" if to_b else "a")
+        _insert(client, rows)
+        client.command(
+            "INSERT INTO experiments (experiment, updated_ts, dag, comparison, group_size, "
+            f"task, mode, split) VALUES ('{exp}', now64(3), 'dashboard_srm', 'split', 1, "
+            "'binary', 'split', 0.1)"
+        )
+    finally:
+        client.close()
+    status, api, _ = _get(server.url + f"api/report?experiment={exp}")
+    assert status == 200 and api["srm"]["fired"] is True
+    assert api["verdict"]["label"] == "withheld"
+    assert api["verdict"]["reason"] == f"SRM: {api['srm']['summary']}"
+    assert api["statistical_verdict"]["label"] == "B better"
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"headless Chromium not installed at {CHROMIUM}")
+    hooks = _Hooks()
+    hooks.feed(_chromium(server.url + f"?experiment={exp}", tmp_path, "--dump-dom").stdout)
+    verdict = hooks.by_id["verdict"]
+    assert (verdict["data-verdict"], verdict["data-srm"]) == ("withheld", "fired")
+    assert "hidden" not in hooks.by_id["srm-warning"]

@@ -168,6 +168,8 @@ def test_promote_cli_refuses_without_a_verdict_and_records_force(stack, tmp_path
         label_ts=now,
         stage=3,
         worker="t",
+        served_by="a",
+        segments={},
     )
     client.insert("pairs", [[row[c] for c in PAIR_COLUMNS]], column_names=PAIR_COLUMNS)
     env = dict(os.environ, ABDAG_BROKER=stack.broker, ABDAG_CLICKHOUSE_URL=stack.clickhouse_url)

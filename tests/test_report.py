@@ -40,18 +40,6 @@ COLS = [c for c, _ in PAIRS_COLUMNS]
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("chdb") / "engine")
-    boot = clickhouse_connect.get_client(interface="chdb", path=path)
-    boot.command("CREATE DATABASE IF NOT EXISTS abdag_test")
-    c = clickhouse_connect.get_client(interface="chdb", path=path, database="abdag_test")
-    ensure_schema(c)
-    yield c
-    c.close()
-    boot.close()
-
-
 def _rows(experiment, task, y, sa, sb, pa, pb, *, stage=3, start=0, labelled=True):
     out = []
     for i in range(len(y)):
@@ -78,6 +66,8 @@ def _rows(experiment, task, y, sa, sb, pa, pb, *, stage=3, start=0, labelled=Tru
             "label_ts": ts + dt.timedelta(seconds=30) if labelled else None,
             "stage": stage,
             "worker": "w1",
+            "served_by": "a",
+            "segments": {},
         }
         out.append([row[c] for c in COLS])
     return out
@@ -113,11 +103,16 @@ def test_schema_is_idempotent_and_migrates(client):
         c.command("ALTER TABLE pairs DROP COLUMN worker")  # an older pairs table
         ensure_schema(c)
         c.command("ALTER TABLE experiments DROP COLUMN metrics")  # before schema 5
+        c.command("ALTER TABLE pairs DROP COLUMN served_by")  # before schema 6
+        c.command("ALTER TABLE pairs DROP COLUMN segments")  # before schema 7
         ensure_schema(c)
         cols = {r[0]: r[1] for r in c.query("DESCRIBE TABLE experiments").result_rows}
         assert cols["metrics"] == "String"
         cols = {r[0]: r[1] for r in c.query("DESCRIBE TABLE pairs").result_rows}
         assert cols["worker"] == "LowCardinality(String)"
+        assert cols["served_by"] == "LowCardinality(String)"
+        assert cols["segments"] == "Map(LowCardinality(String), String)"
+        assert list(cols) == COLS  # a migrated table has the declared columns, in order
         assert cols["label_ts"] == "Nullable(DateTime64(3, 'UTC'))"
         engine = c.query(
             "SELECT engine_full FROM system.tables WHERE database = currentDatabase() "

@@ -84,6 +84,8 @@ def _buckets_sql(task: str, *, by_bucket: bool = True) -> str:
         "quantileExactInclusive(0.5)(latency_b_ms) AS latency_p50_b",
         "quantileExactInclusive(0.95)(latency_b_ms) AS latency_p95_b",
         "quantileExactInclusive(0.5)(delay_s) AS label_delay_p50_s",
+        "quantileExactInclusive(0.9)(delay_s) AS label_delay_p90_s",
+        "quantileExactInclusive(0.99)(delay_s) AS label_delay_p99_s",
     ]
     derived = [
         f"{_LABELLED} AND {scorable} AS lab",
@@ -184,6 +186,8 @@ def _figures(task: str, r: dict[str, Any]) -> dict[str, Any]:
         "labelled": r["labelled"],
         "coverage": _ratio(r["labelled"], r["paired"]),
         "label_delay_p50_s": r["label_delay_p50_s"],
+        "label_delay_p90_s": r["label_delay_p90_s"],
+        "label_delay_p99_s": r["label_delay_p99_s"],
     }
     for m in ("a", "b"):
         out[f"latency_p50_{m}"] = r[f"latency_p50_{m}"]
@@ -253,8 +257,10 @@ def timeline_payload(
     (ms), ``agreement`` (share of compared pairs where A and B predict the same class),
     ``flip_rate`` (share of labelled pairs where exactly one model is right; ``fixed_rate``
     B right only, ``broken_rate`` A right only), ``coverage`` (labelled / paired, in the
-    bucket) and ``label_delay_p50_s``. ``sequential``: the confidence sequence per bucket
-    of label arrival time. ``summary``: the per-bucket figures over the whole experiment.
+    bucket) and ``label_delay_p50_s`` / ``p90`` / ``p99`` (``label_ts - request_ts`` of the
+    bucket's labelled pairs, ``quantileExactInclusive``: numpy's ``'linear'``).
+    ``sequential``: the confidence sequence per bucket of label arrival time. ``summary``:
+    the per-bucket figures over the whole experiment.
     ``bucket_seconds=None`` picks one from the experiment's span.
     """
     params: dict[str, Any] = {"experiment": experiment}

@@ -7,10 +7,11 @@ served answers go to ``abdag.<dag>.<comparison>.served``.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -24,6 +25,7 @@ from abdag.topics.packs import Packed
 if TYPE_CHECKING:
     from abdag.agents.app import DagRuntime
     from abdag.agents.dag import Dag
+    from abdag.topics import Event
 
 
 @dataclass(eq=False)
@@ -44,6 +46,9 @@ class Comparison(Node):
     split: float = 0.0
     group: str = ""  # champion-and-challengers group this comparison belongs to
     group_size: int = 1
+    # payload fields (names) and bucketed features ({name: fn(payload)}) each pair row
+    # records in its ``segments`` map; see segment_specs and abdag.comparators.segments
+    segments: list[str | dict[str, Callable[[dict], Any]]] | dict | None = None
 
     kind = "comparison"
     writes_pairs = True
@@ -80,6 +85,10 @@ class Comparison(Node):
             raise self.fail(dag, f"split must be a share in [0, 1], got {self.split!r}")
         if self.margin < 0:
             raise self.fail(dag, f"margin must be >= 0, got {self.margin}")
+        try:
+            self.segment_specs()
+        except ValueError as exc:
+            raise self.fail(dag, str(exc)) from None
         expected = TASK_SPECS[self.task].outputs
         for side in (self.a, self.b):
             out = dag.nodes[side].output
@@ -90,8 +99,91 @@ class Comparison(Node):
                     f"outputs {out!r}",
                 )
 
+    def segment_specs(self) -> tuple[tuple[str, Callable[[dict], Any] | None], ...]:
+        """The declared segments as ``(name, bucket function or None)``, in order: None
+        for a payload field (the row records ``str(payload[name])``). Raises ValueError
+        saying what is wrong with ``segments``."""
+        return segment_specs(self.segments)
+
+    def dry_run(self, dag: Dag, events: dict[str, Event | None]) -> None:
+        """Try each bucket function on the sample event's payload, as A's event brings it."""
+        sample = events.get(self.a) or events.get(self.b)
+        if sample is None:
+            return None
+        for name, fn in self.segment_specs():
+            if fn is None:
+                continue
+            try:
+                fn(sample.payload)
+            except Exception as exc:  # noqa: BLE001 - any error of the user's function
+                raise self.fail(
+                    dag,
+                    f"segment {name!r} failed on the sample event: {type(exc).__name__}: {exc}",
+                ) from None
+        return None
+
     def build(self, rt: DagRuntime) -> None:
         _comparison_agents(rt, self)
+
+
+SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+"""A segment's name: a payload field or a bucket's name (a key of the rows' ``segments``)."""
+
+
+def segment_specs(segments: Any) -> tuple[tuple[str, Callable[[dict], Any] | None], ...]:
+    """``dag.compare(segments=...)`` as ``(name, fn or None)`` pairs; ValueError if malformed.
+
+    ``segments``: a list whose items are payload field names (``"country"``) or dicts of
+    bucketed features (``{"amount_bucket": fn}``, ``fn(payload) -> str``); a dict alone is
+    taken as a list of one.
+
+    >>> [name for name, _ in segment_specs(["country", {"big": lambda p: p["amount"] > 100}])]
+    ['country', 'big']
+    >>> segment_specs("country")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: segments must be a list ... (write segments=['country'])
+    """
+    if segments is None:
+        return ()
+    if isinstance(segments, str):
+        raise ValueError(
+            "segments must be a list of payload field names and/or {name: function} dicts, "
+            f"got the string {segments!r} (write segments=[{segments!r}])"
+        )
+    items = [segments] if isinstance(segments, dict) else segments
+    if not isinstance(items, list | tuple):
+        raise ValueError(
+            "segments must be a list of payload field names and/or {name: function} dicts, "
+            f"got {type(segments).__name__}"
+        )
+    out: list[tuple[str, Callable[[dict], Any] | None]] = []
+    for item in items:
+        if isinstance(item, str):
+            pairs: list[tuple[Any, Any]] = [(item, None)]
+        elif isinstance(item, dict):
+            pairs = list(item.items())
+            for name, fn in pairs:
+                if not callable(fn):
+                    raise ValueError(
+                        f"segment {name!r}: a bucketed segment needs a function of the payload "
+                        f"(fn(payload) -> str), got {type(fn).__name__}"
+                    )
+        else:
+            raise ValueError(
+                "segments: each item is a payload field name or a {name: function} dict, "
+                f"got {item!r} ({type(item).__name__})"
+            )
+        for name, fn in pairs:
+            if not isinstance(name, str) or not SEGMENT_NAME.match(name):
+                raise ValueError(
+                    f"segment name {name!r} is not allowed: use letters, digits, '_', '.' or "
+                    "'-' (at most 64 characters, not starting with '.' or '-')"
+                )
+            if any(name == seen for seen, _ in out):
+                raise ValueError(f"segment {name!r} is declared twice")
+            out.append((name, fn))
+    return tuple(out)
 
 
 # -- the worker side: the Faust agents of this kind -------------------------------------

@@ -1,7 +1,8 @@
 /* abdag dashboard: reads /api/report and /api/timeline, draws them with uPlot, refreshes.
  *
- * Test hooks: #verdict[data-verdict], every chart container .chart[data-points] (x points
- * drawn, set after each render), .tile[data-key][data-value], tr[data-metric].
+ * Test hooks: #verdict[data-verdict][data-srm] (#srm-warning shown while the SRM fires), every chart container .chart[data-points] (x points
+ * drawn, set after each render), .tile[data-key][data-value], tr[data-metric],
+ * #ttd[data-status] (the time to decision: decided, projected, no decision expected, ...).
  * Names from the database are only ever set as text, never as HTML.
  */
 "use strict";
@@ -160,6 +161,7 @@
     renderTiles(report, tl.summary || {});
     renderMetrics(report);
     renderTests(report);
+    renderSegments(report);
     renderMetricCharts(tl);
     renderOpsCharts(report, tl);
   }
@@ -172,8 +174,46 @@
     box.dataset.confidence = String(v.confidence);
     $("verdict-label").textContent = v.label;
     $("verdict-confidence").textContent =
-      v.label === "not enough data" ? "" : `confidence ${num(v.confidence, 3)}`;
+      v.label === "not enough data" || v.label === "withheld" ? "" : `confidence ${num(v.confidence, 3)}`;
     $("verdict-reason").textContent = v.reason;
+    const ttd = r.time_to_decision || {};
+    $("ttd").dataset.status = ttd.status || "";
+    $("ttd").textContent = timeToDecision(ttd);
+    // a sample-ratio mismatch withholds the verdict: say so, and what the tests said
+    const srm = r.srm;
+    const warn = $("srm-warning");
+    warn.hidden = !(srm && srm.fired);
+    box.dataset.srm = srm ? srm.status : "";
+    if (srm && srm.fired) {
+      const sv = r.statistical_verdict || {};
+      warn.textContent =
+        `Sample-ratio mismatch: ${srm.summary} (A ${int(srm.n_a)}, B ${int(srm.n_b)} served; ` +
+        `sequential p ${pval(srm.pvalue_sequential)} < ${srm.threshold}). ` +
+        `The verdict is withheld until the served split matches; the tests say ${sv.label || "n/a"}.`;
+    } else {
+      warn.textContent = "";
+    }
+  }
+
+  /** The line under the verdict: what it still needs, and when (comparators/decision_time.py). */
+  function timeToDecision(t) {
+    if (!t.status) return "";
+    const eta = (x) => (isNum(x) ? `in ~${dur(x)}` : "no ETA: no labels arriving");
+    if (t.status === "decided") {
+      const n = t.then;
+      const done = `Decided at ${int(t.n)} labelled pairs.`;
+      return n && n.status === "projected"
+        ? `${done} ${n.decision} expected after ${int(n.more_pairs)} more, ${eta(n.eta_s)}.`
+        : done;
+    }
+    if (t.status === "projected") {
+      const rate = isNum(t.rate_per_s) ? ` at ${t.rate_per_s.toPrecision(3)} labelled pairs/s` : "";
+      return (
+        `Time to decision: ${t.decision} expected after ${int(t.more_pairs)} more labelled pairs ` +
+        `(${int(t.needed_pairs)} in all), ${eta(t.eta_s)}${rate}, if the mean stays as it is.`
+      );
+    }
+    return `Time to decision: ${t.status}. ${t.reason}`;
   }
 
   function model(name, version) {
@@ -203,6 +243,7 @@
 
   function renderTiles(r, s) {
     const c = r.counts;
+    const lb = r.labels || {};
     const dead = Object.entries(r.dead_letters || {})
       .map(([k, v]) => `${k} ${v}`)
       .join(" · ");
@@ -216,11 +257,17 @@
       tile("labelled", "Labelled", int(c.labelled), "paired with a ground truth", {
         raw: c.labelled,
       }),
-      tile("coverage", "Label coverage", pct(c.paired ? c.labelled / c.paired : null), "labelled / paired", {
+      tile("coverage", "Label coverage", pct(c.paired ? c.labelled / c.paired : null),
+        `labelled / paired · ${int(lb.waiting)} waiting for a label`, {
         raw: c.paired ? c.labelled / c.paired : "",
       }),
-      tile("label_delay", "Label delay p50", dur(s.label_delay_p50_s), "label time − request time", {
+      tile("label_delay", "Label delay p50", dur(s.label_delay_p50_s),
+        `p90 ${dur(lb.delay_p90_s)} · p99 ${dur(lb.delay_p99_s)} (label − request time)`, {
         raw: isNum(s.label_delay_p50_s) ? s.label_delay_p50_s : "",
+      }),
+      tile("unknown_labels", "Labels, no request", int(lb.unknown_request_labels), "label without request (dead letters)", {
+        raw: isNum(lb.unknown_request_labels) ? lb.unknown_request_labels : "",
+        warn: lb.unknown_request_labels > 0,
       }),
       tile("dead_letters", "Dead letters", int(c.dead_letters), dead || "none", {
         raw: c.dead_letters,
@@ -358,6 +405,24 @@
         ])
       );
     }
+    const srm = r.srm;
+    if (srm) {
+      const label = srm.status === "fired" ? "SRM: verdict withheld" : srm.status === "ok" ? "split as declared" : "skipped";
+      parts.push(
+        el("h3", { "data-test": "srm" }, "Served split ", el("small", { text: "sample-ratio mismatch check" }), pill(label, srm.fired ? "bad" : "")),
+        dl(
+          srm.status === "skipped"
+            ? [["skipped", srm.reason], ["declared share of B", pct(srm.declared)]]
+            : [
+                ["served by A / B", `${int(srm.n_a)} / ${int(srm.n_b)}`],
+                ["share of B, served / declared", `${pct(srm.observed)} / ${pct(srm.declared)}`],
+                ["χ² p (fixed sample)", pval(srm.pvalue_chi2)],
+                ["sequential p (always valid)", pval(srm.pvalue_sequential)],
+                ["not served", int(srm.not_served)],
+              ]
+        )
+      );
+    }
     parts.push(
       el("h3", { "data-test": "bootstrap" }, "Bootstrap intervals ", el("small", { text: "paired, resampling requests" })),
       dl([
@@ -367,6 +432,62 @@
       ])
     );
     $("tests-body").replaceChildren(...parts);
+  }
+
+  /* --------------------------------------------------------------- segments */
+  // report.segments (comparators/segments.py): one row per metric of each tested segment
+  // value, tr[data-segment][data-seg-metric][data-flag] ('worse', 'better' or 'none');
+  // #segments-warning shown while B is significantly worse somewhere the verdict favours B.
+  const segName = (v) => `${v.segment}=${v.value === "" ? "(missing)" : v.value}`;
+
+  function renderSegments(r) {
+    const s = r.segments;
+    $("segments-section").hidden = !s;
+    if (!s) return;
+    $("segments-note").textContent =
+      `p: the paired test of each metric; q: Benjamini-Hochberg over ${int(s.n_tests)} tests ` +
+      `(${s.scope}); flagged where q < ${s.alpha}`;
+    const hidden = s.b_worse_despite_verdict || [];
+    const warn = $("segments-warning");
+    warn.hidden = !hidden.length;
+    warn.textContent = hidden.length
+      ? `B is significantly worse for ${hidden.map((v) => `${segName(v)} (${v.metrics.join(", ")})`).join("; ")} although the verdict is ${s.verdict}`
+      : "";
+    const rows = [];
+    for (const v of s.values) {
+      if (v.status !== "tested") continue; // listed below, not tested
+      Object.values(v.metrics).forEach((m, i) => {
+        const flag = m.b_worse ? "worse" : m.significant ? "better" : "";
+        const info = r.metrics[m.metric] || {};
+        rows.push(
+          el(
+            "tr",
+            { "data-segment": segName(v), "data-seg-metric": m.metric, "data-flag": flag || "none" },
+            el("td", { text: i === 0 ? segName(v) : "" }),
+            el("td", { text: i === 0 ? int(v.n) : "" }),
+            el("td", { class: "name" }, info.label || m.metric, el("span", { class: "hint", text: m.higher_is_better ? "↑" : "↓" })),
+            el("td", { class: "a", text: num(m.a) }),
+            el("td", { class: "b", text: num(m.b) }),
+            el("td", { class: flag, text: signed(m.diff) }),
+            el("td", { class: "ci", text: `[${signed(m.ci_low)}, ${signed(m.ci_high)}]` }),
+            el("td", { text: pval(m.pvalue), title: m.test + (m.note ? `: ${m.note}` : "") }),
+            el("td", { class: flag, text: pval(m.qvalue) })
+          )
+        );
+      });
+    }
+    const few = s.too_few || [];
+    if (few.length) {
+      const total = s.too_few_count ?? few.length;
+      const shown = few.slice(0, 20).map((v) => `${segName(v)} (${v.n})`).join(", ");
+      const more = total > 20 ? ` and ${total - 20} more` : "";
+      rows.push(
+        el("tr", { "data-too-few": total },
+          el("td", { colspan: 9, class: "few", text: `too few labelled pairs (< ${s.min_labelled}), not tested: ${shown}${more}` }))
+      );
+    }
+    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 9, text: s.note || "no segment values yet" })));
+    $("segments").tBodies[0].replaceChildren(...rows);
   }
 
   /* ------------------------------------------------------------------ charts */
@@ -547,8 +668,9 @@
       { percent: true, range: [0, 1.05] }
     );
 
-    draw(chartBox(parent, "chart-delay", "Label delay", "median of label time − request time, s"), xs, [
+    draw(chartBox(parent, "chart-delay", "Label delay", "p50 and p90 of label time − request time, s"), xs, [
       { label: "p50 delay (s)", values: col(b, "label_delay_p50_s"), stroke: C.purple },
+      { label: "p90 delay (s)", values: col(b, "label_delay_p90_s"), stroke: C.purple, dash: [5, 3], width: 1.5 },
     ]);
   }
 
