@@ -215,3 +215,79 @@ def test_clickhouse_stopped_for_10_s_mid_run_loses_and_duplicates_nothing(
         "SELECT count() FROM pairs WHERE experiment = {e:String}", parameters={"e": experiment}
     ).result_rows[0][0]
     assert raw == N
+
+
+SPLIT_DAG = """
+from abdag.demo.fraud import features_tensor
+from abdag import Dag
+
+dag = Dag({name!r}, partitions=4)
+tx = dag.source("tx")
+labels = dag.labels("labels")
+
+
+def features(event):
+    return features_tensor(event.payload)
+
+
+def features_b(event):
+    if event.payload.get("drop_b"):
+        raise ValueError("drop_b is set: model B refuses this request")
+    return features_tensor(event.payload)
+
+
+def amount_bucket(payload):
+    return "large" if payload["amount"] >= 100 else "small"
+
+
+a = dag.model("model_a", tx, path={a!r}, inputs=features)
+b = dag.model("model_b", tx, path={b!r}, inputs=features_b)
+dag.compare(
+    "ab", a=a, b=b, labels=labels, task="binary", join_timeout=3.0, mode="split", split=0.3,
+    segments=["country", {{"amount_bucket": amount_bucket}}],
+)
+"""
+
+
+def test_a_split_with_segments_records_who_served_and_each_segment_through_a_real_worker(
+    stack, stack_env, tmp_path, fraud_models, stream
+):
+    """Through Kafka, the join table's changelog, the pairs topic and the sink: every row
+    says who served it (B's refused requests are served by no one when B's share holds
+    them) and carries its segment values; the report checks the split and tests each
+    segment value."""
+    from abdag.comparators.decisions import served_side
+
+    events, _, label_msgs = stream
+    countries = ("FR", "DE", "US")
+    events = [dict(e, country=countries[i % 3]) for i, e in enumerate(events)]
+    name = f"s{uuid.uuid4().hex[:8]}"
+    dag_file = tmp_path / f"{name}.py"
+    dag_file.write_text(SPLIT_DAG.format(name=name, a=str(fraud_models[0]), b=str(fraud_models[1])))
+    proc = start_worker(dag_file, stack_env, tmp_path / f"{name}.log")
+    experiment = f"{name}.ab"
+    try:
+        produce(stack.broker, input_topic(name, "tx"), events, progress=False)
+        produce(stack.broker, input_topic(name, "labels"), label_msgs, progress=False)
+        wait_for_counts(stack, experiment, paired=N - DROP_B, labelled=N - DROP_B, missing_b=DROP_B)
+    finally:
+        stop_worker(proc)
+    client = connect(stack)
+    rows = client.query(
+        "SELECT request_id, served_by, segments FROM pairs FINAL WHERE experiment = {e:String}",
+        parameters={"e": experiment},
+    ).result_rows
+    got = {rid: (served, dict(seg)) for rid, served, seg in rows}
+    expected = {}
+    for e in events:
+        side = served_side(e["request_id"], mode="split", split=0.3, promoted=False)
+        served = "" if side == "b" and e.get("drop_b") else side
+        bucket = "large" if e["amount"] >= 100 else "small"
+        expected[e["request_id"]] = (served, {"country": e["country"], "amount_bucket": bucket})
+    assert got == expected
+    report = build_report(client, experiment, n_resamples=200)
+    n_b = sum(1 for served, _ in expected.values() if served == "b")
+    assert (report.srm.n_a, report.srm.n_b) == (N - n_b - report.srm.not_served, n_b)
+    assert report.srm.not_served == sum(1 for served, _ in expected.values() if served == "")
+    labels_seen = {v.label for v in report.segments.values}
+    assert {"country=FR", "country=DE", "country=US", "amount_bucket=small"} <= labels_seen
