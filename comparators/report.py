@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from abdag.comparators.metric_specs import (
 )
 from abdag.comparators.schema import DEAD_LETTER_COUNT, PAIRS_DEDUP
 from abdag.comparators.segments import SegmentReport, adjust, segment_report
-from abdag.comparators.srm import SrmResult, skipped, srm_check
+from abdag.comparators.srm import SrmResult, skipped, srm_check, srm_check_segments
 from abdag.comparators.statistics import (
     McNemarResult,
     SequentialResult,
@@ -65,6 +65,7 @@ __all__ = [
     "ROWS_SQL",
     "ROW_COLUMNS",
     "SEGMENT_NAMES_SQL",
+    "SRM_SEGMENTS_SQL",
     "SRM_SQL",
     "TIMELINE_COUNTS_SQL",
     "Report",
@@ -126,6 +127,20 @@ SRM_SQL = f"""SELECT
 FROM {PAIRS_DEDUP}
 WHERE {_EXP}"""
 """Whose answer was served, per request (``served_by``): the counts of the SRM check."""
+
+SRM_SEGMENTS_SQL = f"""SELECT
+    segment,
+    value,
+    countIf(served_by = 'a') AS served_a,
+    countIf(served_by = 'b') AS served_b,
+    countIf(served_by = '') AS not_served
+FROM {PAIRS_DEDUP}
+ARRAY JOIN mapKeys(segments) AS segment, mapValues(segments) AS value
+WHERE {_EXP}
+GROUP BY segment, value
+ORDER BY segment, value"""
+"""The SRM check's counts per value of each segment the rows record (one row per request
+and segment: a request counts once in each segment); no rows without segments."""
 
 LIST_EXPERIMENTS_SQL = "SELECT DISTINCT experiment FROM pairs ORDER BY experiment"
 # DISTINCT is unaffected by duplicate rows, so this one read of pairs needs no FINAL.
@@ -380,7 +395,7 @@ class Report:
                 f"{_f(s.upper, True)}], p = {s.pvalue_always_valid:.4g}, n = {s.n}"
             )
         if self.srm is not None:
-            lines.append(_srm_line(self.srm))
+            lines += [_srm_line(self.srm), *_srm_segment_lines(self.srm)]
         v = self.verdict
         if v.label == WITHHELD:  # e.g. "withheld: SRM: served 13.2% to B, declared 10%"
             lines += ["", f"  Verdict: {v.label}: {v.reason}"]
@@ -419,6 +434,35 @@ def _srm_line(r: SrmResult) -> str:
         f"{head}: A {r.n_a}, B {r.n_b}: {r.summary()}; chi-square p = {r.pvalue_chi2:.4g}, "
         f"sequential p = {r.pvalue_sequential:.4g} (always valid){unserved}: {outcome}"
     )
+
+
+def _srm_segment_lines(r: SrmResult, max_skipped: int = 10) -> list[str]:
+    """Under the SRM line: the per-segment checks, each value that fired, the skipped."""
+    if not r.segments:
+        return []
+    checked = [s for s in r.segments if s.status != "skipped"]
+    few = [s for s in r.segments if s.status == "skipped"]
+    fired = r.fired_segments
+    head = "    per segment value"
+    if checked:
+        each = checked[0].threshold
+        lines = [
+            f"{head}: {len(checked)} checked at sequential p < {each:.3g} ({r.threshold:g} / "
+            f"{len(checked)}, Bonferroni): "
+            + (f"SRM fired in {len(fired)}: verdict withheld" if fired else "no mismatch")
+        ]
+    else:
+        lines = [f"{head}: none checked yet"]
+    for s in fired:
+        lines.append(
+            f"    ! SRM in segment {s.label}: {s.summary()} (A {s.n_a}, B {s.n_b}, "
+            f"sequential p = {s.pvalue_sequential:.3g})"
+        )
+    if few:
+        shown = ", ".join(f"{s.label} ({s.n_a + s.n_b})" for s in few[:max_skipped])
+        more = f" and {len(few) - max_skipped} more" if len(few) > max_skipped else ""
+        lines.append(f"    too few served requests, skipped: {shown}{more}")
+    return lines
 
 
 def _model(name: str, version: str) -> str:
@@ -553,8 +597,8 @@ def build_report(
     )
     statistical = verdict
     srm = check_served_split(client, experiment, declared, sql)
-    if srm is not None and srm.fired:  # the served split is not the declared one
-        verdict = withhold(f"SRM: {srm.summary()}")
+    if srm is not None and srm.any_fired:  # the served split is not the declared one
+        verdict = withhold(srm.withhold_reason())
     unknown = dead.get(UNKNOWN_REQUEST_REASON, 0)  # labels whose request never came
     labels = LabelStats(unknown_request_labels=unknown)
     if task in TASKS:
@@ -612,7 +656,9 @@ def check_served_split(
     on its served counts (``SRM_SQL``, appended to ``sql``); None unless the DAG declared
     ``mode="split"``. Skipped (with the reason) when the split is 0 or 1, once a promotion
     or a retirement changed who serves (the declared split no longer holds), and while
-    there are too few served requests."""
+    there are too few served requests. With segments, each value of each segment is checked
+    too (``SRM_SEGMENTS_SQL``, :func:`abdag.comparators.srm.srm_check_segments`: Bonferroni
+    over the values checked), in ``segments`` of the result."""
     if declared.get("mode") != "split":
         return None
     share = float(declared.get("split") or 0.0)
@@ -632,12 +678,20 @@ def check_served_split(
         c = _one(client, SRM_SQL, {"experiment": experiment})
     except Exception:  # noqa: BLE001 - a pairs table a worker of schema 6 has not migrated
         return skipped(share, "no served_by column in pairs (workers older than schema 6)")
-    return srm_check(
+    overall = srm_check(
         int(c.get("served_a") or 0),
         int(c.get("served_b") or 0),
         share,
         not_served=int(c.get("not_served") or 0),
     )
+    try:
+        res = client.query(SRM_SEGMENTS_SQL, parameters={"experiment": experiment})
+    except Exception:  # noqa: BLE001 - a pairs table no worker of schema 7 has migrated
+        return overall
+    if sql is not None:
+        sql.append(SRM_SEGMENTS_SQL)
+    per_value = srm_check_segments(res.result_rows, share)
+    return replace(overall, segments=per_value) if per_value else overall
 
 
 def declared_metrics(task: str, declared: dict[str, Any]) -> tuple[str, ...]:

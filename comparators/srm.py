@@ -42,9 +42,12 @@ at ``sqrt(p (1 - p) / (k + 1))``, about one percentage point at ``p = 0.1``: mis
 that size are the ones worth catching on live traffic. A larger ``k`` (``ssrm`` defaults to
 10,000) detects smaller mismatches sooner but large ones later; a smaller ``k`` the reverse.
 
-The functions take the counts of one group of requests; a check per segment (later) calls
-:func:`srm_check` with each segment's counts (and a threshold divided by the number of
-segments, to keep the chance of any false alarm at the threshold).
+The functions take the counts of one group of requests. :func:`srm_check_segments` runs
+the check on each value of each declared segment (``pairs.segments``) with the threshold
+divided by the number of values checked (Bonferroni: a fired check withholds the verdict,
+so the chance of *any* false alarm among the values is what must stay at the threshold);
+values with too few served answers are skipped and do not count. The overall result
+carries them (``SrmResult.segments``); :attr:`SrmResult.any_fired` is what withholds.
 
 >>> r = srm_check(17_360, 2_640, 0.1)
 >>> r.status, r.summary()
@@ -53,12 +56,17 @@ segments, to keep the chance of any false alarm at the threshold).
 'ok'
 >>> srm_check(40, 5, 0.1).status
 'skipped'
+>>> counts = [("country", "FR", 970, 30, 0), ("country", "DE", 900, 100, 0)]
+>>> fr, de = srm_check_segments(counts, 0.1)
+>>> fr.status, fr.threshold, fr.withhold_reason(), de.status
+('fired', 0.0005, 'SRM in segment country=FR: served 3.0% to B, declared 10%', 'ok')
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -68,6 +76,7 @@ from scipy.stats import chi2
 __all__ = [
     "MIN_EXPECTED",
     "MIN_SERVED",
+    "MISSING",
     "PRIOR_CONCENTRATION",
     "SRM_THRESHOLD",
     "SrmResult",
@@ -77,6 +86,7 @@ __all__ = [
     "sequential_pvalue",
     "skipped",
     "srm_check",
+    "srm_check_segments",
 ]
 
 SRM_THRESHOLD = 0.001
@@ -87,6 +97,11 @@ MIN_SERVED = 100
 """Served answers (A's and B's) needed before the check runs."""
 MIN_EXPECTED = 5.0
 """Both expected counts, ``n p`` and ``n (1 - p)``, must be at least this."""
+MAX_LISTED = 100
+"""At most this many skipped segment values are listed in JSON (``segments_skipped`` counts
+them all)."""
+MISSING = ""
+"""A segment's value where the payload had none (shown ``(missing)``, as in segments)."""
 
 
 def _check_share(p: float) -> None:
@@ -170,18 +185,66 @@ class SrmResult:
     concentration: float = PRIOR_CONCENTRATION
     not_served: int = 0
     reason: str = ""
+    # one value of one segment ('' for the overall check), and the overall's per-value checks
+    segment: str = ""
+    value: str = ""
+    segments: tuple[SrmResult, ...] = ()
 
     @property
     def fired(self) -> bool:
+        """This check fired (for the overall one: the overall counts, segments aside)."""
         return self.status == "fired"
+
+    @property
+    def fired_segments(self) -> list[SrmResult]:
+        return [s for s in self.segments if s.fired]
+
+    @property
+    def any_fired(self) -> bool:
+        """The overall check or one of its segment values fired: the verdict is withheld."""
+        return self.fired or bool(self.fired_segments)
+
+    @property
+    def label(self) -> str:
+        """``country=FR`` for a segment value, '' for the overall check."""
+        if not self.segment:
+            return ""
+        return f"{self.segment}={self.value if self.value != MISSING else '(missing)'}"
 
     def summary(self) -> str:
         """``served 13.2% to B, declared 10%``."""
         obs = "n/a" if math.isnan(self.observed) else f"{100 * self.observed:.1f}%"
         return f"served {obs} to B, declared {100 * self.declared:g}%"
 
+    def withhold_reason(self, max_listed: int = 3) -> str:
+        """Why the verdict is withheld ('' unless :attr:`any_fired`): ``SRM: served 13.2% to
+        B, declared 10%`` (overall), ``SRM in segment country=FR: served 3.1% to B, declared
+        10%`` (per value; at most ``max_listed`` values named, then how many more)."""
+        own = [f"SRM: {self.summary()}"] if self.fired and not self.segment else []
+        if self.fired and self.segment:
+            own = [f"SRM in segment {self.label}: {self.summary()}"]
+        fired = self.fired_segments
+        parts = own + [s.withhold_reason() for s in fired[:max_listed]]
+        if len(fired) > max_listed:
+            parts.append(f"and {len(fired) - max_listed} more segment values")
+        return "; ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "fired": self.fired, "summary": self.summary()}
+        d = {k: v for k, v in asdict(self).items() if k != "segments"}
+        d.update(fired=self.fired, summary=self.summary())
+        if self.segment:
+            return {**d, "label": self.label}
+        checked = [s for s in self.segments if s.status != "skipped"]
+        skipped_values = [s for s in self.segments if s.status == "skipped"]
+        return {
+            **d,
+            "any_fired": self.any_fired,
+            # per value of each segment: every one checked, then the skipped (at most 100)
+            "segments": [s.to_dict() for s in checked + skipped_values[:MAX_LISTED]],
+            "segments_checked": len(checked),
+            "segments_skipped": len(skipped_values),
+            "segments_fired": [s.label for s in self.fired_segments],
+        }
 
 
 def skipped(
@@ -203,6 +266,14 @@ def skipped(
     )
 
 
+def _too_few(n: int, declared: float, min_served: int, min_expected: float) -> str:
+    """Why ``n`` served answers are too few to check at ``declared``; '' when enough."""
+    if n >= min_served and n * min(declared, 1.0 - declared) >= min_expected:
+        return ""
+    need = max(min_served, math.ceil(min_expected / min(declared, 1.0 - declared)))
+    return f"too few served requests: {n}, at least {need} needed at {declared:g}"
+
+
 def srm_check(
     n_a: int,
     n_b: int,
@@ -219,11 +290,10 @@ def srm_check(
     _check_share(declared)
     n_a, n_b = int(n_a), int(n_b)
     n = n_a + n_b
-    expected = n * min(declared, 1.0 - declared)
-    if n < min_served or expected < min_expected:
-        need = max(min_served, math.ceil(min_expected / min(declared, 1.0 - declared)))
-        why = f"too few served requests: {n}, at least {need} needed at {declared:g}"
-        return skipped(declared, why, n_a, n_b, not_served)
+    why = _too_few(n, declared, min_served, min_expected)
+    if why:
+        r = skipped(declared, why, n_a, n_b, not_served)
+        return replace(r, threshold=threshold, concentration=concentration)
     stat, p_chi2 = chi_square(n_a, n_b, declared)
     p_seq = sequential_pvalue(n_a, n_b, declared, concentration)
     fired = p_seq < threshold
@@ -244,3 +314,38 @@ def srm_check(
         int(not_served),
         reason,
     )
+
+
+def srm_check_segments(
+    counts: Iterable[tuple[str, str, int, int, int]],
+    declared: float,
+    *,
+    threshold: float = SRM_THRESHOLD,
+    concentration: float = PRIOR_CONCENTRATION,
+    min_served: int = MIN_SERVED,
+    min_expected: float = MIN_EXPECTED,
+) -> tuple[SrmResult, ...]:
+    """The check of each segment value: ``counts`` holds ``(segment, value, n_a, n_b,
+    not_served)`` per value. The values with enough served answers (as :func:`srm_check`
+    wants) are checked at ``threshold / m``, ``m`` the number of them (Bonferroni over
+    every value of every segment); the others are skipped and do not count in ``m``."""
+    _check_share(declared)
+    rows = [(str(s), str(v), int(a), int(b), int(u)) for s, v, a, b, u in counts]
+    m = sum(1 for _, _, a, b, _ in rows if not _too_few(a + b, declared, min_served, min_expected))
+    each = threshold / max(m, 1)
+    out = []
+    for seg, value, n_a, n_b, not_served in rows:
+        r = srm_check(
+            n_a,
+            n_b,
+            declared,
+            threshold=each,
+            concentration=concentration,
+            min_served=min_served,
+            min_expected=min_expected,
+            not_served=not_served,
+        )
+        if r.status != "skipped" and m > 1:
+            r = replace(r, reason=f"{r.reason}; threshold {threshold:g} / {m} values checked")
+        out.append(replace(r, segment=seg, value=value))
+    return tuple(out)

@@ -15,14 +15,16 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import betaln
 from scipy.stats import chi2 as chi2_dist
 from scipy.stats import chisquare
 
 from abdag.comparators.decisions import stable_share
-from abdag.comparators.report import SRM_SQL, build_report, check_served_split
+from abdag.comparators.report import SRM_SEGMENTS_SQL, SRM_SQL, build_report, check_served_split
 from abdag.comparators.srm import (
+    MIN_EXPECTED,
     MIN_SERVED,
     PRIOR_CONCENTRATION,
     SRM_THRESHOLD,
@@ -31,6 +33,7 @@ from abdag.comparators.srm import (
     log_bayes_factor,
     sequential_pvalue,
     srm_check,
+    srm_check_segments,
 )
 from tests.test_report import COLS, _binary_data, _rows
 
@@ -242,7 +245,10 @@ def test_the_documented_sql_gives_the_reports_numbers(client, reports):
     """docs/statistics.md's queries (the counts, and the whole check in SQL) agree with
     the report."""
     section = (DOCS / "statistics.md").read_text().split("## Sample-ratio mismatch", 1)[1]
-    counts_sql, check_sql = re.findall(r"```sql\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    counts_sql, check_sql, segments_sql = re.findall(
+        r"```sql\n(.*?)```", section.split("\n## ", 1)[0], re.S
+    )
+    assert segments_sql.strip() == SRM_SEGMENTS_SQL.strip()
     name = "srm.b_dead_letters"
     s = reports[name].srm
     assert counts_sql.strip() == SRM_SQL.strip()
@@ -251,3 +257,138 @@ def test_the_documented_sql_gives_the_reports_numbers(client, reports):
     assert row["p_chi_square"] == pytest.approx(s.pvalue_chi2, rel=1e-6)
     assert row["p_sequential"] == pytest.approx(s.pvalue_sequential, rel=1e-6)
     assert row["srm"] == 1
+
+
+# ------------------------------------------------------------------- per segment
+def test_the_threshold_is_divided_by_the_number_of_values_checked():
+    """Bonferroni over the values checked: a value whose p-value lies between 0.001 / 5
+    and 0.001 fires alone and not among 5 values checked; skipped values do not count."""
+    n = 10_000
+    b = next(
+        b
+        for b in range(1_000, 1_400)
+        if SRM_THRESHOLD / 5 < sequential_pvalue(n - b, b, 0.1) < SRM_THRESHOLD
+    )
+    (alone,) = srm_check_segments([("country", "FR", n - b, b, 0)], 0.1)
+    assert alone.fired and alone.threshold == SRM_THRESHOLD
+    others = [("country", c, 9_000, 1_000, 0) for c in ("DE", "US", "IT", "ES")]
+    few = [("device", "tablet", 60, 6, 0), ("device", "", 40, 2, 0)]  # under MIN_SERVED
+    values = srm_check_segments([("country", "FR", n - b, b, 0), *others, *few], 0.1)
+    assert [v.status for v in values] == ["ok"] * 5 + ["skipped"] * 2
+    assert all(v.threshold == SRM_THRESHOLD / 5 for v in values[:5])
+    assert values[0].pvalue_sequential == alone.pvalue_sequential
+    assert "0.001 / 5 values checked" in values[0].reason
+    assert values[6].label == "device=(missing)" and "too few" in values[6].reason
+
+
+T_SEG = 6_000
+OFF = {"FR": (1_000, 0.03), "DE": (2_500, 0.114), "US": (2_500, 0.114)}  # overall 10%
+EVEN = {"FR": (1_000, 0.10), "DE": (2_500, 0.10), "US": (2_500, 0.10)}
+
+
+def _segment_rows(experiment: str, countries: dict[str, tuple[int, float]]) -> list[list]:
+    """A split experiment's pairs (B better) with segments country and device: in each
+    country an exact share of the served answers is B's; device is independent of who
+    served (tablet too rare to be checked, some missing), 1% of requests unserved."""
+    n = sum(k for k, _ in countries.values())
+    y, sa, sb, pa, pb = _binary_data(n, seed=4)
+    rows = _rows(experiment, "binary", y, sa, sb, pa, pb)
+    rng = np.random.default_rng(11)
+    country = np.repeat(list(countries), [k for k, _ in countries.values()])
+    served = np.concatenate(
+        [rng.permutation(np.arange(k) < round(k * share)) for k, share in countries.values()]
+    )
+    device = rng.choice(np.array(["mobile", "desktop", "tablet", ""]), n, p=[0.55, 0.4, 0.01, 0.04])
+    unserved = rng.random(n) < 0.01
+    col = {c: i for i, c in enumerate(COLS)}
+    for i, r in enumerate(rows):
+        r[col["served_by"]] = "" if unserved[i] else ("b" if served[i] else "a")
+        r[col["segments"]] = {"country": str(country[i]), "device": str(device[i])}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def segment_reports(client):
+    out = {}
+    for name, countries in (("srm_seg.off", OFF), ("srm_seg.even", EVEN)):
+        rows = _segment_rows(name, countries)
+        client.insert("pairs", rows, column_names=COLS)
+        client.insert("pairs", rows[::3], column_names=COLS)  # re-delivered: counted once
+        _declare(client, name)
+        out[name] = (rows, build_report(client, name, n_resamples=200))
+    return out
+
+
+def test_a_segment_whose_served_share_is_off_fires_and_withholds(segment_reports):
+    """3% served to B in FR (10% declared), compensated in DE and US: the overall share is
+    10% and does not fire, FR does, and the verdict is withheld naming it."""
+    _, r = segment_reports["srm_seg.off"]
+    s = r.srm
+    assert s.status == "ok" and not s.fired and abs(s.observed - 0.1) < 0.003
+    assert s.any_fired and [v.label for v in s.fired_segments] == ["country=FR"]
+    fr = s.fired_segments[0]
+    assert fr.observed < 0.035 and fr.pvalue_sequential < fr.threshold
+    assert r.statistical_verdict.label == "B better"
+    reason = f"SRM in segment country=FR: served {100 * fr.observed:.1f}% to B, declared 10%"
+    assert (r.verdict.label, r.verdict.reason) == ("withheld", reason)
+    text = r.render()
+    assert f"Verdict: withheld: {reason}" in text and "statistical verdict, withheld" in text
+    assert "! SRM in segment country=FR" in text and "SRM fired in 1: verdict withheld" in text
+    assert "too few served requests, skipped: device=tablet" in text
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["verdict"]["label"] == "withheld" and d["srm"]["fired"] is False
+    assert d["srm"]["any_fired"] is True and d["srm"]["segments_fired"] == ["country=FR"]
+    by_label = {v["label"]: v for v in d["srm"]["segments"]}
+    assert by_label["country=FR"]["fired"] is True and by_label["country=FR"]["status"] == "fired"
+    assert by_label["device=tablet"]["status"] == "skipped"
+    assert SRM_SEGMENTS_SQL in r.sql
+
+
+def test_balanced_segments_do_not_fire(segment_reports):
+    _, r = segment_reports["srm_seg.even"]
+    s = r.srm
+    assert s.status == "ok" and not s.any_fired and s.segments
+    assert all(v.status in ("ok", "skipped") for v in s.segments)
+    assert r.verdict == r.statistical_verdict and r.verdict.label == "B better"
+    text = r.render()
+    assert "withheld" not in text and "per segment value: 6 checked" in text
+    assert r.to_dict()["srm"]["segments_fired"] == []
+
+
+@pytest.mark.parametrize("name", ["srm_seg.off", "srm_seg.even"])
+def test_per_value_counts_equal_a_count_of_the_rows(segment_reports, name):
+    """Served A / B / none per value of each segment equal pandas' count of the inserted
+    rows (each request once, re-deliveries aside); the values with enough served answers
+    are the ones checked, each at 0.001 over their number."""
+    rows, r = segment_reports[name]
+    df = pd.DataFrame(rows, columns=COLS)
+    long = pd.concat(
+        [
+            pd.DataFrame({"segment": seg, "value": df.segments.str[seg], "by": df.served_by})
+            for seg in ("country", "device")
+        ]
+    )
+    want = long.groupby(["segment", "value"]).by.value_counts().unstack(fill_value=0)
+    got = {(v.segment, v.value): (v.n_a, v.n_b, v.not_served) for v in r.srm.segments}
+    expect = {k: (int(c["a"]), int(c["b"]), int(c[""])) for k, c in want.iterrows()}
+    assert got == expect and len(got) == 7
+    served = want["a"] + want["b"]
+    enough = (served >= MIN_SERVED) & (served * 0.1 >= MIN_EXPECTED)
+    m = int(enough.sum())
+    checked = [v for v in r.srm.segments if v.status != "skipped"]
+    assert m == len(checked) == r.to_dict()["srm"]["segments_checked"] == 6
+    assert all(v.threshold == pytest.approx(SRM_THRESHOLD / m, rel=1e-15) for v in checked)
+    for v in checked:
+        assert v.pvalue_sequential == sequential_pvalue(v.n_a, v.n_b, 0.1)
+
+
+def test_the_documented_segment_sql_gives_the_reports_counts(client, segment_reports):
+    _, r = segment_reports["srm_seg.off"]
+    res = client.query(SRM_SEGMENTS_SQL, parameters={"experiment": "srm_seg.off"})
+    assert [(s, v, a, b, u) for s, v, a, b, u in res.result_rows] == [
+        (x.segment, x.value, x.n_a, x.n_b, x.not_served) for x in r.srm.segments
+    ]
+    # no segments: no rows, and no per-segment checks
+    assert (
+        client.query(SRM_SEGMENTS_SQL, parameters={"experiment": "srm.matched"}).result_rows == []
+    )

@@ -1,6 +1,6 @@
 /* abdag dashboard: reads /api/report and /api/timeline, draws them with uPlot, refreshes.
  *
- * Test hooks: #verdict[data-verdict][data-srm] (#srm-warning shown while the SRM fires), every chart container .chart[data-points] (x points
+ * Test hooks: #verdict[data-verdict][data-srm][data-srm-segments] (#srm-warning shown while the SRM fires, overall or in a segment value), every chart container .chart[data-points] (x points
  * drawn, set after each render), .tile[data-key][data-value], tr[data-metric],
  * #ttd[data-status] (the time to decision: decided, projected, no decision expected, ...).
  * Names from the database are only ever set as text, never as HTML.
@@ -182,13 +182,24 @@
     // a sample-ratio mismatch withholds the verdict: say so, and what the tests said
     const srm = r.srm;
     const warn = $("srm-warning");
-    warn.hidden = !(srm && srm.fired);
-    box.dataset.srm = srm ? srm.status : "";
-    if (srm && srm.fired) {
+    // overall, or in a value of a segment (srm.segments: Bonferroni over the values checked)
+    const segFired = srm ? (srm.segments || []).filter((s) => s.fired) : [];
+    const anyFired = !!(srm && (srm.fired || segFired.length));
+    warn.hidden = !anyFired;
+    box.dataset.srm = srm ? (anyFired ? "fired" : srm.status) : "";
+    box.dataset.srmSegments = segFired.map((s) => s.label).join(",");
+    if (anyFired) {
       const sv = r.statistical_verdict || {};
+      const overall = srm.fired
+        ? `Sample-ratio mismatch: ${srm.summary} (A ${int(srm.n_a)}, B ${int(srm.n_b)} served; ` +
+          `sequential p ${pval(srm.pvalue_sequential)} < ${srm.threshold}). `
+        : "";
+      const segs = segFired
+        .map((s) => `Sample-ratio mismatch in segment ${s.label}: ${s.summary} (A ${int(s.n_a)}, B ${int(s.n_b)} served; ` +
+          `sequential p ${pval(s.pvalue_sequential)} < ${pval(s.threshold)}). `)
+        .join("");
       warn.textContent =
-        `Sample-ratio mismatch: ${srm.summary} (A ${int(srm.n_a)}, B ${int(srm.n_b)} served; ` +
-        `sequential p ${pval(srm.pvalue_sequential)} < ${srm.threshold}). ` +
+        overall + segs +
         `The verdict is withheld until the served split matches; the tests say ${sv.label || "n/a"}.`;
     } else {
       warn.textContent = "";
@@ -419,6 +430,10 @@
                 ["χ² p (fixed sample)", pval(srm.pvalue_chi2)],
                 ["sequential p (always valid)", pval(srm.pvalue_sequential)],
                 ["not served", int(srm.not_served)],
+                ...(srm.segments && srm.segments.length
+                  ? [["segment values checked / skipped", `${int(srm.segments_checked)} / ${int(srm.segments_skipped)}`],
+                     ["SRM in segment", (srm.segments_fired || []).join(", ") || "none"]]
+                  : []),
               ]
         )
       );
