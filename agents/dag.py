@@ -160,6 +160,7 @@ class Dag:
         snapshot_interval: float = 5.0,
         mode: str = "shadow",
         split: float = 0.0,
+        mirror: float | dict[Node | str, float] = 1.0,
         segments: list[str | dict[str, Callable[[dict[str, Any]], Any]]]
         | dict[str, Callable[[dict[str, Any]], Any]]
         | None = None,
@@ -169,6 +170,12 @@ class Dag:
         The served answer goes to ``abdag.<dag>.<name>.served``: A's in ``mode="shadow"``;
         in ``mode="split"`` a stable ``split`` share of requests is served by B. Both
         models score every request either way, so the comparison stays paired.
+
+        ``mirror`` (shadow mode): B scores only a stable share of the requests, in (0, 1]
+        (a hash of the request id, independent of the split's): its model node skips the
+        others, and they are served by A and not compared (no pair row). A float applies
+        to every challenger, a dict ``{challenger: share}`` to those it names (the others:
+        1.0). A mirrored challenger must feed nothing but its comparison.
 
         ``b`` may be a list of challengers: each is compared with the champion ``a`` in a
         comparison named ``<name>__<challenger>``, and their verdicts share ``alpha``
@@ -183,6 +190,7 @@ class Dag:
         challengers = self._names(b)
         label_name = self._names(labels)[0] if labels is not None else None
         group = name if not isinstance(b, Node | str) else ""
+        mirrors = self._mirrors(name, mirror, challengers)
         made = []
         for b_name in challengers:
             inputs = (a_name, b_name) + ((label_name,) if label_name else ())
@@ -203,6 +211,7 @@ class Dag:
                         snapshot_interval=snapshot_interval,
                         mode=mode,
                         split=split,
+                        mirror=mirrors[b_name],
                         group=group,
                         group_size=len(challengers) if group else 1,
                         segments=segments,
@@ -210,6 +219,21 @@ class Dag:
                 )
             )
         return made if group else made[0]
+
+    def _mirrors(self, name: str, mirror: Any, challengers: tuple[str, ...]) -> dict[str, Any]:
+        """``dag.compare(mirror=...)`` per challenger: a dict names some (the others 1.0),
+        anything else applies to all (its value is checked with the comparison)."""
+        if not isinstance(mirror, dict):
+            return dict.fromkeys(challengers, mirror)
+        shares = {self._names(k)[0]: v for k, v in mirror.items()}
+        unknown = sorted(set(shares) - set(challengers))
+        if unknown:
+            raise DagError(
+                f"mirror names {unknown}, which are not challengers (b) of this comparison",
+                node=name,
+                file=self.file,
+            )
+        return {c: shares.get(c, 1.0) for c in challengers}
 
     def shadow(self, node: Node | str, *, replace: dict[Node | str, Node | str]) -> Node:
         """B's branch of ``node``: a copy of it, and of everything between it and the

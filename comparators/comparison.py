@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from abdag.comparators.decisions import served_side
+from abdag.comparators.decisions import mirrored, served_side
 from abdag.comparators.join import Emitted, PairJoin
 from abdag.comparators.rows import pair_row, snapshot_rows
 from abdag.comparators.tasks import DEFAULT_THRESHOLD, check_label, task_spec
@@ -130,11 +130,12 @@ class ComparisonState:
     """One comparison node's join, serving choice, live metrics and snapshot cadence.
 
     ``spec``: the :class:`~abdag.agents.dag.Comparison` (a, b, task, metrics, timeouts,
-    snapshot_every / snapshot_interval, mode, split). ``store``: the join's mapping (a dict
-    in tests; the worker's changelogged table). ``thresholds``: models A's and B's
-    ``ModelNode.threshold``. ``on_incoming``: called with each :class:`Incoming` before its
-    records are handled, for a store that routes each write by what made it (the worker's
-    ``JsonTable`` sends it to that event's partition).
+    snapshot_every / snapshot_interval, mode, split, mirror: requests B does not mirror are
+    served by A and neither joined nor counted, their labels not used). ``store``: the
+    join's mapping (a dict in tests; the worker's changelogged table). ``thresholds``:
+    models A's and B's ``ModelNode.threshold``. ``on_incoming``: called with each
+    :class:`Incoming` before its records are handled, for a store that routes each write by
+    what made it (the worker's ``JsonTable`` sends it to that event's partition).
 
     Metrics are per partition and in memory: a replay (a record read again after a crash or
     a rebalance) emits its row again and updates no metric. Serving follows :attr:`control`
@@ -172,6 +173,7 @@ class ComparisonState:
         self.metrics: dict[int, PairMetrics] = {}  # partition -> live metrics
         self._new_metrics = PairMetrics
         self._models = {A: spec.a, B: spec.b}
+        self._mirror = float(getattr(spec, "mirror", 1.0))  # share of requests B scores
         self._segments = spec.segment_specs()  # dag.compare(segments=...): (name, fn or None)
         self._segment_failed: set[str] = set()  # bucket functions that raised (logged once)
         self._values_of = segment_values
@@ -224,6 +226,11 @@ class ComparisonState:
             pred["request_ts"] = ev.ts
             if isinstance(pred["output"], list) and self._classes_out:
                 self._classes = max(self._classes or 0, len(pred["output"]))
+            if not self._compared(ev.request_id):
+                # not mirrored (dag.compare(mirror=...)): B does not score it, so A answers
+                # it, B promoted or not, and it is not joined: no pair row, no missing_b
+                self._serve_unmirrored(incoming, record, ev.request_id, pred, out)
+                return
             # this side answers the request: its served answer goes out below, and the join
             # records who served it, for the pairs rows' served_by (the SRM check reads it)
             serves = side == served_side(
@@ -247,12 +254,28 @@ class ComparisonState:
         if emitted is not None:
             self._emitted(emitted, incoming.partition, now, out)
 
+    def _compared(self, request_id: str) -> bool:
+        """Whether B scores this request, so it is joined: every request unless
+        ``spec.mirror`` < 1 (:func:`abdag.comparators.decisions.mirrored`)."""
+        return self._mirror >= 1.0 or mirrored(request_id, self._mirror)
+
+    def _serve_unmirrored(
+        self, incoming: Incoming, record: Packed, request_id: str, pred: dict, out: Outgoing
+    ) -> None:
+        """A's answer to a request B does not mirror goes out as it is; a B record for one
+        (a B node that mirrored more, during a redeploy) is not used."""
+        if incoming.side == A:
+            answer = {"request_id": request_id, "served_by": A, **pred}
+            out.served.append((request_id.encode(), orjson.dumps(answer), record.headers))
+
     def _label(self, incoming: Incoming, record: Packed, now: float, out: Outgoing) -> None:
         try:
             lab = label_from(record.body)
             y = check_label(
                 self.spec.task, lab.label, n_classes=self._classes, request_id=lab.request_id
             )
+            if not self._compared(lab.request_id):
+                return  # the label of a request B does not mirror: nothing to join it to
             emitted = self.join.offer_label(lab.request_id, y, lab.ts, now)
         except BadRecord as err:
             out.refused.append(Refused(err, incoming, record))

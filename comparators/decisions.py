@@ -7,6 +7,11 @@ Traffic modes of a comparison:
   to the challenger. Both models still score every request, so the A/B statistics stay
   paired; only what is served changes.
 
+Mirroring (``dag.compare(mirror=0.1)``, shadow mode only): the challenger scores a stable
+``mirror`` share of the requests, chosen by :func:`mirrored`: the same hash with another
+salt (:data:`MIRROR_SALT`), so which requests are mirrored does not depend on which are
+split. Shares are nested: a request mirrored at 0.1 is mirrored at 0.3 too.
+
 ``promote`` makes B the champion once the verdict says B is not worse (or when forced,
 which is recorded); ``retire`` records that a challenger is out. Decisions are rows in
 ClickHouse's ``decisions`` table, which workers poll, so every worker agrees on them.
@@ -17,6 +22,8 @@ ClickHouse's ``decisions`` table, which workers poll, so every worker agrees on 
 'b'
 >>> 0.0 <= stable_share("r-1") < 1.0
 True
+>>> mirrored("r-1", 1.0), stable_share("r-1") == stable_share("r-1", MIRROR_SALT)
+(True, False)
 """
 
 from __future__ import annotations
@@ -35,10 +42,23 @@ class PromotionRefused(RuntimeError):
     """The verdict does not allow promoting B (use force to override, on the record)."""
 
 
-def stable_share(request_id: str) -> float:
-    """A number in [0, 1) fixed by the request id: the same on every worker and replay."""
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+MIRROR_SALT = b"abdag.mirror"
+"""The salt of the mirroring hash (:func:`mirrored`); the split's hash has none."""
+
+
+def stable_share(request_id: str, salt: bytes = b"") -> float:
+    """A number in [0, 1) fixed by the request id: the same on every worker and replay.
+
+    ``salt`` (at most 16 bytes) makes another, independent hash: the split uses none,
+    mirroring :data:`MIRROR_SALT`."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8, salt=salt).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def mirrored(request_id: str, mirror: float) -> bool:
+    """Whether a challenger with ``dag.compare(mirror=...)`` scores this request: the
+    stable ``mirror`` share of request ids (all of them at 1.0)."""
+    return mirror >= 1.0 or stable_share(request_id, MIRROR_SALT) < mirror
 
 
 def served_side(

@@ -73,6 +73,7 @@ __all__ = [
     "build_reports",
     "check_served_split",
     "declared_metrics",
+    "declared_mirror",
     "group_alpha",
     "list_experiments",
     "metrics_sql",
@@ -307,6 +308,20 @@ class Report:
     time_to_decision: TimeToDecision | None = None
     # A against B within each segment value, BH-adjusted (abdag.comparators.segments)
     segments: SegmentReport | None = None
+    # dag.compare(mirror=...): the share of requests B scored (the pairs hold only those)
+    mirror: float = 1.0
+
+    def compared(self) -> int:
+        """The requests compared: every pairs row (paired or not), all of them mirrored."""
+        c = self.counts
+        return sum(int(c.get(k, 0)) for k in ("paired", "missing_a", "missing_b"))
+
+    def mirror_summary(self) -> dict[str, Any]:
+        """The mirrored share, the requests compared and the whole traffic estimated from
+        them (compared / share): A's answers to the others are in no table."""
+        n = self.compared()
+        estimated = round(n / self.mirror) if self.mirror > 0 else n
+        return {"fraction": self.mirror, "compared": n, "requests_estimated": estimated}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: NaN and infinities become None, numpy scalars Python numbers."""
@@ -343,6 +358,7 @@ class Report:
                 ),
                 "labels": self.labels.to_dict() if self.labels else None,
                 "segments": self.segments.to_dict() if self.segments else None,
+                "mirror": self.mirror_summary(),
                 "loss": self.loss,
                 "margin": self.margin,
                 "alpha": self.alpha,
@@ -364,6 +380,8 @@ class Report:
             f"{c.get('missing_b', 0)} missing B, {c.get('labelled', 0)} labelled, "
             f"{c.get('dead_letters', 0)} dead letters",
         ]
+        if self.mirror < 1.0:  # B scored a stable share of the requests, only those compared
+            lines.append(_mirror_line(self.mirror_summary()))
         if self.dead_letters:  # what was refused, and why: nothing is dropped unsaid
             why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.dead_letters.items()))
             lines.append(f"  dead letters by reason: {why}")
@@ -418,6 +436,16 @@ class Report:
         """A against B within each segment value, last (none without declared segments)."""
         s = self.segments
         return ["", *s.render()] if s is not None and (s.values or s.note) else []
+
+
+def _mirror_line(m: dict[str, Any]) -> str:
+    """E.g. "B mirrors 10% of requests: 1,012 compared of about 10,120 (...)"."""
+    share = f"{100 * m['fraction']:.4g}%"
+    return (
+        f"  B mirrors {share} of requests: {m['compared']:,} compared of about "
+        f"{m['requests_estimated']:,} (compared / {m['fraction']:g}, a stable hash of the "
+        "request id chose them; A alone answered the rest)"
+    )
 
 
 def _srm_line(r: SrmResult) -> str:
@@ -646,7 +674,19 @@ def build_report(
         labels=labels,
         time_to_decision=ttd,
         segments=segments,
+        mirror=declared_mirror(declared),
     )
+
+
+def declared_mirror(declared: dict[str, Any]) -> float:
+    """The share of requests B scores (``dag.compare(mirror=...)``, the experiments row's
+    ``mirror``); 1.0 when not recorded.
+
+    >>> declared_mirror({"mirror": 0.1}), declared_mirror({})
+    (0.1, 1.0)
+    """
+    m = declared.get("mirror")
+    return float(m) if isinstance(m, int | float) and 0.0 < m <= 1.0 else 1.0
 
 
 def check_served_split(

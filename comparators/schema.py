@@ -14,7 +14,8 @@ Six tables live in the client's current database:
 ``dead_letters``
     Messages a DAG node could not process, with a reason and a count.
 ``experiments``
-    What each DAG declares about its comparisons (models, task, mode, margin, group).
+    What each DAG declares about its comparisons (models, task, mode, margin, group,
+    mirror).
 ``decisions``
     Promotions and retirements, newest first per experiment (``abdag.comparators.decisions``).
 ``schema_version``
@@ -59,8 +60,8 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 7  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics;
-# 6: pairs.served_by; 7: pairs.segments
+SCHEMA_VERSION = 8  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics;
+# 6: pairs.served_by; 7: pairs.segments; 8: experiments.mirror
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 PAIRS_DEDUP = "pairs FINAL"
@@ -160,6 +161,9 @@ TABLES: dict[str, Table] = {
             ("split", "Float64"),
             ("margin", "Float64"),
             ("metrics", "String"),  # dag.compare(metrics=...), comma-separated; '' = defaults
+            # dag.compare(mirror=...): the share of requests B scores; rows written before
+            # schema 8 read 1 (every request)
+            ("mirror", "Float64 DEFAULT 1"),
         ),
         "ReplacingMergeTree(updated_ts)",
         "experiment",

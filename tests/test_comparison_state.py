@@ -23,7 +23,7 @@ from abdag.comparators.comparison import (
     ComparisonState,
     Incoming,
 )
-from abdag.comparators.decisions import stable_share
+from abdag.comparators.decisions import mirrored, stable_share
 from abdag.topics.packs import Packed
 from abdag.topics.records import Event, Label, Prediction, encode, fields_of
 
@@ -475,6 +475,61 @@ def test_metrics_equal_scikit_learn_and_replays_count_nothing():
     agree = sum(int(sa >= 0.5) == int(sb >= 0.5) for sa, sb in zip(scores_a, scores_b, strict=True))
     assert measured["pair"]["n_pairs"] == len(y)
     assert measured["pair"]["agreement"] == pytest.approx(agree / len(y))
+
+
+# -- mirroring (dag.compare(mirror=...)) ----------------------------------------------------
+def test_a_mirrored_comparison_pairs_only_the_mirrored_requests_and_a_serves_all():
+    rids = [f"req-{i}" for i in range(400)]
+    kept = {r for r in rids if mirrored(r, 0.25)}
+    assert 60 < len(kept) < 140
+    state = make(mirror=0.25, join_timeout=10.0)
+    # B's node sends nothing for an unmirrored request: only A's answers and the labels come
+    out = state.process(
+        [
+            a(*(prediction("m_a", r, 0.6) for r in rids)),
+            b(*(prediction("m_b", r, 0.3) for r in rids if r in kept)),
+            labels(*(label(r, 1) for r in rids)),
+        ],
+        now=0.0,
+    )
+    answers = [orjson.loads(v) for _, v, _ in out.served]
+    assert sorted(x["request_id"] for x in answers) == sorted(rids)  # A answers every one
+    assert {x["served_by"] for x in answers} == {"a"}
+    assert set(out.pairs) == kept and out.refused == []
+    assert {row["status"] for _, row in out.pairs.values()} == {"paired"}
+    assert {row["stage"] for _, row in out.pairs.values()} == {3}
+    assert set(state.join.store) == kept  # nothing of the others waits in the join
+    m = state.metrics[0]
+    assert (m.n_pairs, m.n_labelled) == (len(kept), len(kept))
+    # no deadline ever comes for the others: no missing_b, no 'label without request'
+    late = state.process([ticks(*state.ticks_due(1e6))], now=1e6)
+    assert late.pairs == {} and late.refused == []
+
+
+def test_an_unmirrored_request_is_served_by_a_even_once_b_is_promoted():
+    rids = [f"p-{i}" for i in range(200)]
+    state = make(mirror=0.5)
+    state.serve(promoted=True)
+    out = state.process(
+        [
+            a(*(prediction("m_a", r, 0.6) for r in rids)),
+            b(*(prediction("m_b", r, 0.3) for r in rids if mirrored(r, 0.5))),
+        ],
+        now=0.0,
+    )
+    by = {orjson.loads(v)["request_id"]: orjson.loads(v)["served_by"] for _, v, _ in out.served}
+    assert by == {r: "b" if mirrored(r, 0.5) else "a" for r in rids}
+
+
+def test_a_b_record_for_an_unmirrored_request_is_not_joined_and_bad_labels_still_refused():
+    rids = [f"x-{i}" for i in range(100)]
+    skipped = [r for r in rids if not mirrored(r, 0.2)]
+    state = make(mirror=0.2)
+    # a B node that mirrored more (during a redeploy, say) sent one: not served, not joined
+    out = state.process([b(prediction("m_b", skipped[0], 0.3))], now=0.0)
+    assert out.served == [] and out.pairs == {} and skipped[0] not in state.join.store
+    out = state.process([labels(label(skipped[1], 7))], now=0.0)
+    assert reasons(out) == [("bad label", skipped[1])]
 
 
 def _same(x: dict, y: dict) -> bool:

@@ -367,7 +367,7 @@ def _declare(client, experiment, metrics, group_size=1):
     cols = [c for c, _ in TABLES["experiments"].columns]
     row = dict.fromkeys(cols, "")
     row.update(experiment=experiment, updated_ts=T0, group_size=group_size, split=0.0, margin=0.0)
-    row.update(metrics=metrics, task="binary", dag=experiment.split(".")[0])
+    row.update(metrics=metrics, task="binary", dag=experiment.split(".")[0], mirror=1.0)
     client.insert("experiments", [[row[c] for c in cols]], column_names=cols)
 
 

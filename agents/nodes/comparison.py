@@ -44,6 +44,9 @@ class Comparison(Node):
     snapshot_interval: float = 5.0
     mode: str = "shadow"  # 'shadow' | 'split': who serves, see abdag.comparators.decisions
     split: float = 0.0
+    # shadow mode: B scores only this stable share of the requests (mirror_consumers, and
+    # abdag.comparators.decisions.mirrored); the others are served by A and not compared
+    mirror: float = 1.0
     group: str = ""  # champion-and-challengers group this comparison belongs to
     group_size: int = 1
     # payload fields (names) and bucketed features ({name: fn(payload)}) each pair row
@@ -85,6 +88,7 @@ class Comparison(Node):
             raise self.fail(dag, f"split must be a share in [0, 1], got {self.split!r}")
         if self.margin < 0:
             raise self.fail(dag, f"margin must be >= 0, got {self.margin}")
+        self._check_mirror(dag)
         try:
             self.segment_specs()
         except ValueError as exc:
@@ -98,6 +102,29 @@ class Comparison(Node):
                     f"task {self.task!r} needs {side!r} to output one of {expected}, it "
                     f"outputs {out!r}",
                 )
+
+    def _check_mirror(self, dag: Dag) -> None:
+        """``mirror``: a share in (0, 1]; below 1, shadow mode only, and B feeds nothing
+        but this comparison (it skips the other requests, which no other node could use)."""
+        m = self.mirror
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 < m <= 1.0:
+            raise self.fail(dag, f"mirror must be a share in (0, 1], got {m!r}")
+        if m == 1.0:
+            return
+        if self.mode != "shadow":
+            raise self.fail(
+                dag,
+                f"mirror={m:g} needs mode='shadow': in a split, B serves a share of the "
+                "requests and must score every one it may serve",
+            )
+        others = mirror_consumers(dag, self.b, self.name)
+        if others:
+            raise self.fail(
+                dag,
+                f"mirror={m:g}: model {self.b!r} scores only {100 * m:.4g}% of the requests, so it "
+                f"can feed only this comparison, and it also feeds {others}; compare a "
+                "separate copy of the model, or use mirror=1.0",
+            )
 
     def segment_specs(self) -> tuple[tuple[str, Callable[[dict], Any] | None], ...]:
         """The declared segments as ``(name, bucket function or None)``, in order: None
@@ -124,6 +151,11 @@ class Comparison(Node):
 
     def build(self, rt: DagRuntime) -> None:
         _comparison_agents(rt, self)
+
+
+def mirror_consumers(dag: Dag, model: str, comparison: str) -> list[str]:
+    """The nodes other than ``comparison`` that read ``model`` (sorted)."""
+    return sorted(n.name for n in dag.nodes.values() if n.name != comparison and model in n.inputs)
 
 
 SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
@@ -295,7 +327,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.task
     async def declare_experiment() -> None:
-        """Record what the DAG says about this experiment (margin, group, mode) for reports."""
+        """Record what the DAG says about this experiment (margin, group, mode, mirror)
+        for reports."""
         from datetime import UTC, datetime
 
         row = [
@@ -312,5 +345,6 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             node.split,
             node.margin,
             ",".join(node.metrics or ()),  # what the report shows ('' = the task's defaults)
+            float(node.mirror),  # the share of requests B scores (the report says it)
         ]
         await rt.in_thread(experiments_sink.write, [row])

@@ -179,6 +179,21 @@ class SigmoidWatch:
         return sigmoid_twice_warning(self.node, self.model_file, seen)
 
 
+def mirror_share(dag: Dag, name: str) -> float:
+    """The share of requests model node ``name`` scores: the largest ``mirror`` of the
+    comparisons it is the challenger (b) of, and 1.0 (every request) when any other node
+    reads it, a comparison that has it as A included (the DAG's check refuses a mirrored
+    challenger that feeds anything else: ``Comparison._check_mirror``)."""
+    shares = []
+    for n in dag.nodes.values():
+        if name not in n.inputs:
+            continue
+        if n.kind != "comparison" or getattr(n, "b", None) != name:
+            return 1.0
+        shares.append(float(n.mirror))
+    return max(shares, default=1.0)
+
+
 # -- the worker side: the Faust agents of this kind -------------------------------------
 
 
@@ -240,10 +255,14 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
     from abdag.agents.app import INLINE_BELOW_MS
     from abdag.agents.faust_compat import Batches
     from abdag.agents.model_source import resolve
+    from abdag.comparators.decisions import mirrored
 
     (upstream,) = node.inputs
     out = node_topic(rt.dag.name, node.name)
     slot = ModelSlot(node, rt.settings)
+    mirror = mirror_share(rt.dag, node.name)  # dag.compare(mirror=...): 1.0 = every request
+    if mirror < 1.0:
+        log.info("node %s: scores the mirrored %.4g%% of requests", node.name, 100 * mirror)
 
     def infer(inputs: list[Any]) -> tuple[list[Any], float, str]:
         runner, version, watch = slot.runner, slot.version, slot.watch  # one model a batch
@@ -260,8 +279,12 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
         async def follow_registry() -> None:
             await rt.in_thread(slot.reload_if_newer)
 
-    def decode(record: Packed) -> tuple[Event, Any]:
+    def decode(record: Packed) -> tuple[Event, Any] | None:
+        """The event and the model's input; None for a request this node does not score
+        (not mirrored: it sends nothing for it, so nothing downstream waits on it)."""
         ev = event_from(record.body)
+        if mirror < 1.0 and not mirrored(ev.request_id, mirror):
+            return None
         try:
             return ev, node.build_input(ev)
         except BadRecord:
@@ -351,10 +374,13 @@ def _model_agent(rt: DagRuntime, node: ModelNode) -> None:
                 for e in events:
                     for record in await rt.records(node.name, e):
                         try:
-                            ev, x = decode(record)
+                            got = decode(record)
                         except BadRecord as err:
                             await rt.dead(node.name, err, e, record)
                             continue
+                        if got is None:  # not mirrored: not scored, nothing sent
+                            continue
+                        ev, x = got
                         decoded.append((e, record, ev))
                         inputs.append(x)
                         if len(inputs) >= node.max_batch:
