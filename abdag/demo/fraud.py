@@ -13,6 +13,18 @@ Every transaction carries eight numeric features (:data:`FEATURES`). Its label i
 
 The intercept puts the fraud rate at about 6.5 %.
 
+``generate(n, seed, channels=True)`` (what ``abdag demo`` sends) adds a ``"channel"`` field
+to every event, ``"web"``, ``"app"`` or ``"kiosk"`` (:data:`CHANNEL_SHARES`: kiosks are 12 %
+of the traffic), which neither model reads. At kiosks the time-of-day effect is reversed
+(fraud peaks around 15:00, where most of the traffic is): the story is that the kiosks were
+rolled out after the data B was retrained on, and both models are trained on data without
+them. A ignores the hour, so at kiosks it only misses their higher fraud rate; B learnt
+"afternoon is safe", the opposite of the kiosks' truth, so B is worse than A at kiosks
+although better overall (``abdag demo`` flags ``channel=kiosk``). The transactions, and
+the labels of every request not at a kiosk, are those of ``generate(n, seed)``: the channel
+has its own random stream, and a kiosk's label uses the same uniform draw against its own
+ground truth.
+
 Two PyTorch models are trained at demo time, in a couple of seconds on CPU with fixed seeds:
 
 * **A** ("production"): logistic regression on four of the features, trained on 3,000 rows;
@@ -57,24 +69,36 @@ FEATURES: list[str] = [
 A_FEATURES: list[str] = ["amount_log", "merchant_risk", "txn_count_1h", "card_age_days_log"]
 """The subset of :data:`FEATURES` that production model A uses."""
 
+CHANNELS: tuple[str, ...] = ("web", "app", "kiosk")
+"""The sales channels of ``generate(..., channels=True)``, a payload field no model reads."""
+CHANNEL_SHARES: tuple[float, ...] = (0.58, 0.30, 0.12)
+"""Each channel's share of the traffic, in :data:`CHANNELS` order."""
+
 A_TRAIN_ROWS = 3_000
 B_TRAIN_ROWS = 20_000
 HELDOUT_ROWS = 20_000
 
 _INTERCEPT = -3.8
 _IDX = {name: i for i, name in enumerate(FEATURES)}
+_CHANNEL_STREAM = 0x6B696F736B  # the channels' own random stream: generate()'s stays as it was
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def ground_truth_logit(x: np.ndarray) -> np.ndarray:
-    """The true fraud logit for a ``(n, len(FEATURES))`` matrix of features."""
+def ground_truth_logit(x: np.ndarray, kiosk: np.ndarray | None = None) -> np.ndarray:
+    """The true fraud logit for a ``(n, len(FEATURES))`` matrix of features.
+
+    ``kiosk``: a boolean mask of the rows sold at a kiosk (``generate(channels=True)``),
+    where the time-of-day effect is reversed: fraud peaks around 15:00, not 03:00.
+    """
     x = np.asarray(x, dtype=np.float64)
     f = {name: x[:, i] for name, i in _IDX.items()}
     hour_peak = 2.0 * math.pi * 3.0 / 24.0  # fraud peaks around 03:00
     night = f["hour_sin"] * math.sin(hour_peak) + f["hour_cos"] * math.cos(hour_peak)
+    if kiosk is not None:  # cos(hour - 15:00) = -cos(hour - 03:00)
+        night = np.where(np.asarray(kiosk, dtype=bool), -night, night)
     foreign_far = f["is_foreign"] * _sigmoid(3.0 * (f["distance_km_log"] - 5.0))
     young_card_big = np.maximum(f["amount_log"] - 4.5, 0.0) * _sigmoid(
         4.0 * (3.5 - f["card_age_days_log"])
@@ -112,15 +136,32 @@ def _sample_features(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return amount, np.round(x, 6)
 
 
-def generate(n: int, seed: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+def channels_of(n: int, seed: int) -> np.ndarray:
+    """The sales channel of each of the ``n`` events of ``generate(n, seed, channels=True)``
+    (:data:`CHANNELS` drawn with :data:`CHANNEL_SHARES`, from their own random stream)."""
+    rng = np.random.default_rng([seed, _CHANNEL_STREAM])
+    return rng.choice(np.array(CHANNELS), size=n, p=CHANNEL_SHARES)
+
+
+def generate(
+    n: int, seed: int, *, channels: bool = False
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """``n`` JSON-safe transaction events and their 0/1 labels (int64), deterministic per seed.
 
     Each event is ``{"request_id": "txn-<seed>-<i>", "features": {name: float}, "amount":
     float}``; labels are drawn from ``Bernoulli(sigmoid(ground_truth_logit(features)))``.
+
+    ``channels=True`` (the demo's traffic) adds ``"channel"``: ``"web"``, ``"app"`` or
+    ``"kiosk"`` (:func:`channels_of`), and a kiosk's label follows the kiosk's ground truth
+    (``ground_truth_logit(features, kiosk)``, the time-of-day effect reversed). The features,
+    the amounts and the labels of the other channels' events are those without it.
     """
     rng = np.random.default_rng(seed)
     amount, x = _sample_features(n, rng)
-    labels = (rng.random(n) < _sigmoid(ground_truth_logit(x))).astype(np.int64)
+    draws = rng.random(n)
+    channel = channels_of(n, seed) if channels else None
+    kiosk = channel == "kiosk" if channel is not None else None
+    labels = (draws < _sigmoid(ground_truth_logit(x, kiosk))).astype(np.int64)
     events = [
         {
             "request_id": f"txn-{seed}-{i}",
@@ -129,7 +170,16 @@ def generate(n: int, seed: int) -> tuple[list[dict[str, Any]], np.ndarray]:
         }
         for i in range(n)
     ]
+    if channel is not None:
+        for event, c in zip(events, channel.tolist(), strict=True):
+            event["channel"] = c
     return events, labels
+
+
+def canary_lookup_times_out(event: dict[str, Any]) -> bool:
+    """The demo canary's fault (``fraud_b_canary`` in ``abdag/demo/dag.py``): its feature
+    lookup times out on foreign transactions, so it never answers them."""
+    return event.get("features", {}).get("is_foreign") == 1.0
 
 
 def features_tensor(event: dict[str, Any]) -> torch.Tensor:
