@@ -302,6 +302,7 @@ class _Hooks(HTMLParser):
         self.by_id: dict[str, dict[str, str | None]] = {}
         self.tiles: dict[str, str | None] = {}
         self.metric_rows: list[str | None] = []
+        self.segment_rows: dict[tuple[str | None, str | None], str | None] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -311,6 +312,8 @@ class _Hooks(HTMLParser):
             self.tiles[a["data-key"]] = a.get("data-value")
         if tag == "tr" and "data-metric" in a:
             self.metric_rows.append(a["data-metric"])
+        if tag == "tr" and "data-segment" in a:
+            self.segment_rows[(a["data-segment"], a.get("data-seg-metric"))] = a.get("data-flag")
 
 
 def _chromium(url: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -406,3 +409,33 @@ def test_a_sample_ratio_mismatch_withholds_the_verdict_on_the_page(server, stack
     verdict = hooks.by_id["verdict"]
     assert (verdict["data-verdict"], verdict["data-srm"]) == ("withheld", "fired")
     assert "hidden" not in hooks.by_id["srm-warning"]
+
+
+def test_a_segment_where_b_is_worse_is_called_out_on_the_page(server, stack, tmp_path):
+    """B better overall, worse for country=FR: the API's segments name FR, and the page's
+    segments table flags FR's rows and shows the warning."""
+    exp = "dashboard_seg.ab"
+    client = connect(stack)
+    try:
+        rows = _pair_rows(exp, 1500, seed=19)
+        noise = np.random.default_rng(5).normal(0.0, 0.35, len(rows))
+        for i, r in enumerate(rows):
+            fr = i % 5 == 0
+            r["segments"] = {"country": "FR" if fr else "DE"}
+            if fr and r["status"] == "paired":  # for FR, B is A's score blurred by noise
+                r["score_b"] = round(float(np.clip(r["score_a"] + noise[i], 0.01, 0.99)), 3)
+                r["pred_b"] = int(r["score_b"] >= 0.5)
+        _insert(client, rows)
+    finally:
+        client.close()
+    status, api, _ = _get(server.url + f"api/report?experiment={exp}")
+    assert status == 200 and api["verdict"]["label"] == "B better"
+    hidden = {f"{v['segment']}={v['value']}" for v in api["segments"]["b_worse_despite_verdict"]}
+    assert hidden == {"country=FR"}
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"headless Chromium not installed at {CHROMIUM}")
+    hooks = _Hooks()
+    hooks.feed(_chromium(server.url + f"?experiment={exp}", tmp_path, "--dump-dom").stdout)
+    assert "hidden" not in hooks.by_id["segments-warning"]
+    assert hooks.segment_rows[("country=FR", "roc_auc")] == "worse"
+    assert hooks.segment_rows[("country=DE", "roc_auc")] in ("better", "none")
