@@ -174,6 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--force", action="store_true", help="retire against the verdict (recorded)")
     rt.add_argument("--note", default="", help="why, for the record")
 
+    ud = _command(sub, "undo", "reverse the decision in force (a person's or a policy's)")
+    ud.add_argument("experiment", help=experiment_help)
+    ud.add_argument("--note", default="", help="why, for the record")
+
+    wt = _command(sub, "watch", "alert when a verdict, an SRM check or a decision changes")
+    wt.add_argument(
+        "experiment",
+        nargs="*",
+        metavar="EXPERIMENT",
+        help="experiments or groups to watch (default: every experiment in ClickHouse)",
+    )
+    wt.add_argument(
+        "--every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between two reads of the reports (default: 30)",
+    )
+    wt.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="POST each alert as JSON to this http(s) URL (env ABDAG_WEBHOOK_URL)",
+    )
+    wt.add_argument("--once", action="store_true", help="one round, then exit (for cron)")
+
     db = _command(sub, "dashboard", "serve the A/B dashboard in a browser")
     db.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     db.add_argument("--port", type=int, default=8050, help="port to listen on (default: 8050)")

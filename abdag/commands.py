@@ -259,6 +259,48 @@ def report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@command("watch")
+def watch(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from abdag.clickhouse import connect
+    from abdag.watch import Watcher, check_webhook_url
+
+    if not 0 < args.every < float("inf"):
+        raise UserError(f"--every must be a positive number of seconds, got {args.every:g}")
+    url = args.webhook or settings.webhook_url
+    if url:
+        check_webhook_url(url)
+    watcher = Watcher(
+        connect(settings),
+        args.experiment,
+        webhook_url=url,
+        log=lambda line: print(line, flush=True),
+    )
+    what = ", ".join(args.experiment) or "every experiment"
+    to = f"; alerts to webhook {watcher.webhook.host}" if watcher.webhook else ""
+    print(f"watching {what} every {args.every:g} s{to}", flush=True)
+    failed = False
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                watcher.run_round()
+                failed = False
+            except Exception as exc:  # noqa: BLE001 - ClickHouse away: try again next round
+                failed = True
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                print(f"watch: round failed: {first}", flush=True)
+            if args.once:
+                break
+            time.sleep(max(0.0, args.every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        watcher.close(timeout=5.0)  # stopped: running deliveries get 5 s, then give up
+        raise
+    watcher.close()  # every delivery delivered or given up (~80 s at most), and recorded
+    return 1 if failed else 0
+
+
 @command("dashboard")
 def dashboard(args: argparse.Namespace, settings: Settings) -> int:
     from abdag.dashboard import serve
@@ -355,3 +397,19 @@ def promote(args: argparse.Namespace, settings: Settings) -> int:
 @command("retire")
 def retire(args: argparse.Namespace, settings: Settings) -> int:
     return _record_decision(args, settings, "retire")
+
+
+@command("undo")
+def undo(args: argparse.Namespace, settings: Settings) -> int:
+    from abdag.clickhouse import connect
+    from abdag.comparators.decisions import NothingToUndo
+    from abdag.comparators.decisions import undo as undo_decision
+
+    try:
+        d = undo_decision(connect(settings), args.experiment, note=args.note)
+    except NothingToUndo as exc:
+        raise UserError(str(exc)) from None
+    print(
+        f"{d.experiment}: undone, {d.action} recorded (the state before it); {d.served} serves"
+    )
+    return 0

@@ -80,6 +80,11 @@ class Settings:
     demo_models: Path = _setting(
         Path("models"), "where the demo's DAG file finds its two models", kind=Path
     )
+    webhook_url: str = _setting(
+        "",
+        "the URL `abdag watch` POSTs each alert to, as JSON (`--webhook` overrides it); "
+        "empty: log lines only",
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -35,6 +35,7 @@ from abdag.agents.nodes import (  # noqa: F401 - the kinds, importable from here
     Source,
     Transform,
 )
+from abdag.comparators.policy import Policy  # noqa: F401 - dag.compare(policy=...)
 from abdag.comparators.tasks import TASKS  # noqa: F401 - declared once there, read here too
 from abdag.topics import Event, check_name
 
@@ -164,6 +165,7 @@ class Dag:
         segments: list[str | dict[str, Callable[[dict[str, Any]], Any]]]
         | dict[str, Callable[[dict[str, Any]], Any]]
         | None = None,
+        policy: Policy | None = None,
     ) -> Comparison | list[Comparison]:
         """Compare two model nodes' outputs on the same requests (see comparators/).
 
@@ -185,6 +187,10 @@ class Dag:
         (``{"amount_bucket": fn}``, ``fn(payload) -> str``) whose value every pair row
         records; the report compares A and B within each value (Benjamini-Hochberg over
         segments, metrics and challengers).
+
+        ``policy`` (:class:`abdag.comparators.policy.Policy`): when B is promoted or pulled
+        back automatically (verdict held long enough, B worse, a guardrail tripped); it is
+        recorded in the ``experiments`` table, and each challenger gets it.
         """
         (a_name,) = self._names(a)
         challengers = self._names(b)
@@ -215,6 +221,7 @@ class Dag:
                         group=group,
                         group_size=len(challengers) if group else 1,
                         segments=segments,
+                        policy=policy,
                     )
                 )
             )

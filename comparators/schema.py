@@ -1,6 +1,6 @@
 """ClickHouse tables that hold the A/B comparison, and how to read them.
 
-Six tables live in the client's current database:
+Eight tables live in the client's current database:
 
 ``pairs``
     One row per request and experiment. A request is written more than once as knowledge
@@ -15,9 +15,16 @@ Six tables live in the client's current database:
     Messages a DAG node could not process, with a reason and a count.
 ``experiments``
     What each DAG declares about its comparisons (models, task, mode, margin, group,
-    mirror).
+    mirror, policy).
 ``decisions``
-    Promotions and retirements, newest first per experiment (``abdag.comparators.decisions``).
+    Promotions and retirements, newest first per experiment (``abdag.comparators.decisions``),
+    a person's or a policy's (``abdag.comparators.policy``: ``actor`` 'policy').
+``policy_state``
+    Since when a policy has seen the verdict it promotes on, so that a restarted evaluator
+    goes on counting (``abdag.comparators.policy``).
+``alerts``
+    What ``abdag watch`` announced (verdict, SRM and decision changes) and whether its
+    webhook took it (``abdag.watch``): a ``ReplacingMergeTree(attempts)``, read it ``FINAL``.
 ``schema_version``
     The migrations applied.
 
@@ -60,8 +67,9 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 8  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics;
-# 6: pairs.served_by; 7: pairs.segments; 8: experiments.mirror
+SCHEMA_VERSION = 10  # 4: dead_letters.original_size, original_sha256; 5: experiments.metrics;
+# 6: pairs.served_by; 7: pairs.segments; 8: experiments.mirror; 9: alerts;
+# 10: experiments.policy, decisions.actor and figures, policy_state
 """Bump when a column is added to ``TABLES``; ``ensure_schema`` records it."""
 
 PAIRS_DEDUP = "pairs FINAL"
@@ -164,6 +172,8 @@ TABLES: dict[str, Table] = {
             # dag.compare(mirror=...): the share of requests B scores; rows written before
             # schema 8 read 1 (every request)
             ("mirror", "Float64 DEFAULT 1"),
+            # dag.compare(policy=...) as JSON (abdag.comparators.policy.Policy); '' none
+            ("policy", "String"),
         ),
         "ReplacingMergeTree(updated_ts)",
         "experiment",
@@ -173,15 +183,49 @@ TABLES: dict[str, Table] = {
         (
             ("experiment", "LowCardinality(String)"),
             ("ts", TS),
-            ("action", "LowCardinality(String)"),  # 'promote' | 'retire'
+            # 'promote' | 'retire' | 'restore' (an undo: A serves, the declared split);
+            # a dry-run policy's 'would_promote' | 'would_retire', which workers ignore
+            ("action", "LowCardinality(String)"),
             ("served", "LowCardinality(String)"),  # the side served after it: 'a' | 'b'
             ("forced", "UInt8"),
             ("verdict", "String"),
             ("confidence", "Float64"),
             ("note", "String"),
+            ("actor", "LowCardinality(String)"),  # 'policy' (automatic); '' a person
+            ("figures", "String"),  # JSON: what a policy saw (or what an undo undid)
         ),
         "MergeTree",
         "(experiment, ts)",
+    ),
+    "policy_state": Table(
+        "policy_state",
+        (
+            ("experiment", "String"),
+            ("updated_ts", TS),  # when it was written (the newest wins)
+            ("verdict", "String"),  # the promote_on verdict seen; '' none
+            # since when (the policy clock) it has been seen at every evaluation; NULL none
+            ("held_since", f"Nullable({TS})"),
+        ),
+        "ReplacingMergeTree(updated_ts)",
+        "experiment",
+    ),
+    "alerts": Table(
+        "alerts",
+        (
+            ("event_id", "String"),  # sha256 of the change (abdag.watch.event_id)
+            ("experiment", "LowCardinality(String)"),
+            # verdict_changed | srm_fired | srm_cleared | decision
+            ("kind", "LowCardinality(String)"),
+            ("ts", TS),  # when the watcher saw the change
+            ("before", "String"),
+            ("after", "String"),
+            ("body", "String"),  # the webhook's JSON body
+            ("delivered", "UInt8"),  # 1 once the webhook answered 2xx
+            ("attempts", "UInt16"),  # POSTs tried (0: none yet, or no webhook)
+        ),
+        # one row per event: the row written when its delivery ended replaces the first
+        "ReplacingMergeTree(attempts)",
+        "(experiment, event_id)",
     ),
     "schema_version": Table(
         "schema_version",

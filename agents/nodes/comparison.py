@@ -52,6 +52,8 @@ class Comparison(Node):
     # payload fields (names) and bucketed features ({name: fn(payload)}) each pair row
     # records in its ``segments`` map; see segment_specs and abdag.comparators.segments
     segments: list[str | dict[str, Callable[[dict], Any]]] | dict | None = None
+    # when B is promoted or pulled back automatically (abdag.comparators.policy.Policy)
+    policy: Any = None
 
     kind = "comparison"
     writes_pairs = True
@@ -89,6 +91,7 @@ class Comparison(Node):
         if self.margin < 0:
             raise self.fail(dag, f"margin must be >= 0, got {self.margin}")
         self._check_mirror(dag)
+        self._check_policy(dag)
         try:
             self.segment_specs()
         except ValueError as exc:
@@ -102,6 +105,27 @@ class Comparison(Node):
                     f"task {self.task!r} needs {side!r} to output one of {expected}, it "
                     f"outputs {out!r}",
                 )
+
+    def _check_policy(self, dag: Dag) -> None:
+        """``policy``: None or a valid :class:`abdag.comparators.policy.Policy`."""
+        from abdag.comparators.policy import Policy
+
+        p = self.policy
+        if p is None:
+            return
+        if not isinstance(p, Policy):
+            raise self.fail(
+                dag, f"policy must be abdag.Policy(...) or None, got {type(p).__name__}"
+            )
+        problems = p.problems()
+        if problems:
+            raise self.fail(dag, "policy: " + "; ".join(problems))
+        if p.promote_on and not self.labels:
+            raise self.fail(
+                dag,
+                f"policy: promote_on={p.promote_on!r} needs a verdict, which needs labels "
+                "(dag.compare(labels=...))",
+            )
 
     def _check_mirror(self, dag: Dag) -> None:
         """``mirror``: a share in (0, 1]; below 1, shadow mode only, and B feeds nothing
@@ -327,8 +351,8 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
 
     @rt.app.task
     async def declare_experiment() -> None:
-        """Record what the DAG says about this experiment (margin, group, mode, mirror)
-        for reports."""
+        """Record what the DAG says about this experiment (margin, group, mode, mirror,
+        policy) for reports and policy evaluators."""
         from datetime import UTC, datetime
 
         row = [
@@ -346,5 +370,6 @@ def _comparison_agents(rt: DagRuntime, node: Comparison) -> None:
             node.margin,
             ",".join(node.metrics or ()),  # what the report shows ('' = the task's defaults)
             float(node.mirror),  # the share of requests B scores (the report says it)
+            node.policy.to_json() if node.policy is not None else "",  # for evaluators
         ]
         await rt.in_thread(experiments_sink.write, [row])
