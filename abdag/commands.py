@@ -409,7 +409,5 @@ def undo(args: argparse.Namespace, settings: Settings) -> int:
         d = undo_decision(connect(settings), args.experiment, note=args.note)
     except NothingToUndo as exc:
         raise UserError(str(exc)) from None
-    print(
-        f"{d.experiment}: undone, {d.action} recorded (the state before it); {d.served} serves"
-    )
+    print(f"{d.experiment}: undone, {d.action} recorded (the state before it); {d.served} serves")
     return 0

@@ -284,3 +284,73 @@ class _Inverted(__import__("torch").nn.Module):
 
     def forward(self, x):
         return -self.inner(x)
+
+
+POLICY_DAG = """
+from abdag.demo.fraud import features_tensor
+from abdag import Dag, Policy
+
+dag = Dag({name!r}, partitions=4)
+tx = dag.source("tx")
+labels = dag.labels("labels")
+
+
+def features(event):
+    return features_tensor(event.payload)
+
+
+def backwards(event):  # a broken feature pipeline: every feature's sign flipped
+    return -3.0 * features_tensor(event.payload)
+
+
+a = dag.model("model_a", tx, path={a!r}, inputs=features)
+b = dag.model("model_b", tx, path={a!r}, inputs=backwards)
+dag.compare(
+    "ab", a=a, b=b, labels=labels, task="binary", mode="split", split={split},
+    policy=Policy(rollback_on_worse=True),
+)
+"""
+
+
+def test_a_worse_challenger_is_pulled_back_from_split_traffic_by_its_policy(
+    stack, stack_env, tmp_path, fraud_models
+):
+    """On the real stack: B serves its 30% until ``abdag watch`` sees "B worse"; the round
+    writes the policy's retire decision, every worker follows it, and the served answers of
+    the next requests all come from A."""
+    from abdag.watch import Watcher
+
+    name = f"p{uuid.uuid4().hex[:8]}"
+    dag_file = tmp_path / "dag.py"
+    dag_file.write_text(POLICY_DAG.format(name=name, a=str(fraud_models[0]), split=SPLIT))
+    experiment = f"{name}.ab"
+    events, labels = generate(2500, seed=37)
+    label_msgs = [
+        {"request_id": e["request_id"], "label": int(y)}
+        for e, y in zip(events, labels, strict=True)
+    ]
+    worker = start_worker(dag_file, stack_env, tmp_path / "worker.log")
+    try:
+        produce(stack.broker, input_topic(name, "tx"), events[:1500], progress=False)
+        produce(stack.broker, input_topic(name, "labels"), label_msgs[:1500], progress=False)
+        wait_for_counts(stack, experiment, paired=1500, labelled=1500)
+        served = read_topic(stack.broker, served_topic(name, "ab"), expect=1500)
+        first = Counter(v["served_by"] for _, _, v in served)
+        assert _within_binomial(first["b"], 1500, SPLIT), first
+        client = connect(stack)
+        lines: list[str] = []
+        watcher = Watcher(client, [experiment], webhook_url="", log=lines.append, n_resamples=50)
+        try:
+            watcher.run_round()
+        finally:
+            watcher.close()
+        decision = latest_decision(client, experiment)
+        assert (decision.action, decision.actor, decision.served) == ("retire", "policy", "a")
+        assert decision.verdict == "B worse", decision
+        time.sleep(3)  # workers poll decisions every 2 s
+        produce(stack.broker, input_topic(name, "tx"), events[1500:], progress=False)
+        served = read_topic(stack.broker, served_topic(name, "ab"), expect=2500)
+        late = {v["request_id"]: v["served_by"] for _, _, v in served}
+        assert Counter(late[e["request_id"]] for e in events[1500:]) == {"a": 1000}
+    finally:
+        stop_worker(worker)
