@@ -151,6 +151,7 @@ class BrokerWatch(faust.Service):
         self.since = time.time()
         self._admin: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="abdag-broker")
+        self._thread_closed = False  # on_stop ran: checks pass (the final commit goes on)
         self._lock = asyncio.Lock()
         self._checked_ok = float("-inf")
         self._checked_rebalances = -1
@@ -190,6 +191,8 @@ class BrokerWatch(faust.Service):
     async def check(self) -> bool:
         """One metadata request; False if the broker did not answer. Never returns if the
         broker lost the DAG's topics (the worker restarts or stops, see :meth:`on_lost`)."""
+        if self._thread_closed:  # a stopping worker's final commit: nothing to check with
+            return True
         async with self._lock:
             rebalances = self.rebalances()
             meta = await asyncio.get_running_loop().run_in_executor(self._thread, self._metadata)
@@ -274,6 +277,7 @@ class BrokerWatch(faust.Service):
 
     async def on_stop(self) -> None:
         self._record.unlink(missing_ok=True)
+        self._thread_closed = True  # Faust may stop this before the consumer's last commit
         self._thread.shutdown(wait=False)
 
     def on_lost(self, why: str) -> None:
